@@ -1,0 +1,320 @@
+"""The run directory and its feature cache: layout, fingerprints, shard reading and writing.
+
+::
+
+    RUN_DIR/run.json                        what was extracted: model, weights sha256, gates, pooling,
+                                            preprocessing, classes, stage and gate costs
+    RUN_DIR/cache/<split>/index.json        data spec, file-list fingerprint, shards done so far
+    RUN_DIR/cache/<split>/shard-NNNNN.safetensors
+                                            features.<gate> (N, D), logits (N, K), labels (N,), index (N,)
+    RUN_DIR/gates.safetensors, gates.json   written by ``dgate fit``
+    RUN_DIR/calibration.json                written by ``dgate calibrate``
+
+Every file is written to a temporary name and renamed, and ``index.json`` lists a shard only after
+the shard is complete, so an interrupted extraction resumes from its last complete shard.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from . import _io
+from ._version import __version__
+from .errors import CacheMismatchError, MissingFileError, NotFittedError
+
+FORMAT_VERSION = 1
+RUN_FILE = "run.json"
+CACHE_DIR = "cache"
+INDEX_FILE = "index.json"
+
+
+@dataclass
+class RunConfig:
+    """What a run directory's cache was extracted with (``run.json``).
+
+    ``identity()`` covers everything that changes the cached numbers; two configs with the same
+    identity produce interchangeable caches.
+    """
+
+    model: dict[str, Any]
+    weights: dict[str, str] | None
+    gates: list[str]
+    pooling: dict[str, list]
+    preprocess: dict[str, Any]
+    input_size: int
+    feature_dtype: str
+    classes: list[str]
+    layouts: list[str]
+    stage_shapes: list[list[int]]
+    feature_sizes: list[int]
+    costs: dict[str, Any]
+    splits: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    dgate_version: str = __version__
+
+    def identity(self) -> str:
+        """sha256 of the fields that determine the cached values."""
+        key = {
+            "format_version": self.format_version,
+            "model": self.model,
+            "weights_sha256": (self.weights or {}).get("sha256"),
+            "gates": self.gates,
+            "pooling": self.pooling,
+            "preprocess": self.preprocess,
+            "input_size": self.input_size,
+            "feature_dtype": self.feature_dtype,
+        }
+        return _io.sha256_text(json.dumps(key, sort_keys=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "dgate_version": self.dgate_version,
+            "model": self.model,
+            "weights": self.weights,
+            "gates": self.gates,
+            "pooling": self.pooling,
+            "preprocess": self.preprocess,
+            "input_size": self.input_size,
+            "feature_dtype": self.feature_dtype,
+            "classes": self.classes,
+            "layouts": self.layouts,
+            "stage_shapes": self.stage_shapes,
+            "feature_sizes": self.feature_sizes,
+            "costs": self.costs,
+            "splits": self.splits,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def run_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / RUN_FILE
+
+
+def read_run(run_dir: str | Path) -> RunConfig:
+    """Read ``run.json``; a clear error if the directory has no extracted cache."""
+    path = run_file(run_dir)
+    if not path.is_file():
+        raise MissingFileError(f"{run_dir} has no {RUN_FILE}; run `dgate extract {run_dir} --model ...` first")
+    try:
+        data = _io.read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheMismatchError(f"{path} is corrupt ({exc}); run `dgate extract` again with --overwrite") from exc
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CacheMismatchError(
+            f"{path} has cache format {data.get('format_version')}, this dgate reads {FORMAT_VERSION}; "
+            "run `dgate extract` again with --overwrite"
+        )
+    return RunConfig.from_dict(data)
+
+
+def write_run(run_dir: str | Path, config: RunConfig) -> None:
+    _io.write_json(run_file(run_dir), config.to_dict())
+
+
+def split_dir(run_dir: str | Path, split: str) -> Path:
+    return Path(run_dir) / CACHE_DIR / split
+
+
+@dataclass
+class SplitIndex:
+    """The state of one split's cache (``cache/<split>/index.json``)."""
+
+    identity: str
+    data: str
+    fingerprint: str
+    num_samples: int
+    shard_size: int
+    classes: list[str]
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    complete: bool = False
+
+    @property
+    def done(self) -> int:
+        """Samples in complete shards."""
+        return sum(s["count"] for s in self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SplitIndex:
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+def read_index(run_dir: str | Path, split: str) -> SplitIndex | None:
+    """The split's index, or None if there is none (or it is unreadable)."""
+    path = split_dir(run_dir, split) / INDEX_FILE
+    try:
+        return SplitIndex.from_dict(_io.read_json(path))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError, UnicodeDecodeError):
+        return None
+
+
+def write_index(run_dir: str | Path, split: str, index: SplitIndex) -> None:
+    _io.write_json(split_dir(run_dir, split) / INDEX_FILE, index.to_dict())
+
+
+def reset_split(run_dir: str | Path, split: str) -> None:
+    """Delete a split's cache."""
+    shutil.rmtree(split_dir(run_dir, split), ignore_errors=True)
+
+
+def feature_key(gate: str) -> str:
+    return f"features.{gate}"
+
+
+class SplitWriter:
+    """Accumulates batches and writes full shards on a background thread.
+
+    At most two shards are held in memory: the one being filled and the one being written.
+    """
+
+    def __init__(self, run_dir: str | Path, split: str, index: SplitIndex):
+        self.run_dir = Path(run_dir)
+        self.split = split
+        self.index = index
+        self.dir = split_dir(run_dir, split)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _io.remove_stale_incomplete(self.dir)
+        self._pending: dict[str, list[torch.Tensor]] = {}
+        self._count = 0
+        self._next_start = index.done
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dgate-shard")
+        self._future: Future[None] | None = None
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        """Add one batch (all tensors with the same first dimension); write shards as they fill."""
+        n = next(iter(batch.values())).shape[0]
+        for k, v in batch.items():
+            self._pending.setdefault(k, []).append(v)
+        self._count += n
+        while self._count >= self.index.shard_size:
+            self._flush(self.index.shard_size)
+
+    def _flush(self, count: int) -> None:
+        tensors = {k: torch.cat(v) for k, v in self._pending.items()}
+        shard = {k: v[:count] for k, v in tensors.items()}
+        rest = {k: [v[count:]] for k, v in tensors.items() if v.shape[0] > count}
+        self._pending, self._count = rest, self._count - count
+        start = self._next_start
+        self._next_start += count
+        self._wait()  # the previous shard is listed in the index before this one is named
+        entry = {"file": f"shard-{len(self.index.shards):05d}.safetensors", "start": start, "count": count}
+        self._future = self._pool.submit(self._write, shard, entry)
+
+    def _write(self, shard: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
+        _io.save_tensors(self.dir / entry["file"], shard, metadata={"dgate_version": __version__, "start": str(entry["start"])})
+        self.index.shards.append(entry)
+        write_index(self.run_dir, self.split, self.index)
+
+    def _wait(self) -> None:
+        if self._future is not None:
+            self._future.result()
+            self._future = None
+
+    def close(self) -> None:
+        """Write what is left and mark the split complete."""
+        try:
+            if self._count:
+                self._flush(self._count)
+            self._wait()
+            self.index.complete = True
+            write_index(self.run_dir, self.split, self.index)
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def abort(self) -> None:
+        """Finish the shard being written (it is complete and useful) and stop."""
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+@dataclass
+class SplitFeatures:
+    """A split's cached values, in sample order.
+
+    Attributes:
+        features: gate name -> (N, D) features.
+        logits: (N, K) backbone logits.
+        labels: (N,) labels.
+        index: (N,) sample index in the dataset.
+    """
+
+    features: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def backbone_accuracy(self) -> float:
+        return int((self.logits.argmax(1) == self.labels).sum()) / len(self) if len(self) else float("nan")
+
+
+def load_split(
+    run_dir: str | Path,
+    split: str,
+    gates: Iterable[str] | None = None,
+    with_features: bool = True,
+    on_shard: Callable[[int, int], None] | None = None,
+) -> SplitFeatures:
+    """Read a complete split from the cache (``gates``: only these gates' features).
+
+    Example:
+        >>> sf = load_split("runs/r56", "val")  # doctest: +SKIP
+        >>> sf.features["layer1"].shape  # doctest: +SKIP
+        torch.Size([5000, 16])
+    """
+    config = read_run(run_dir)
+    index = read_index(run_dir, split)
+    if index is None or not index.complete:
+        state = "is incomplete" if index else "was not extracted"
+        raise NotFittedError(f"split '{split}' of {run_dir} {state}; run `dgate extract {run_dir} --{split} DATA` first")
+    if index.identity != config.identity():
+        raise CacheMismatchError(f"split '{split}' of {run_dir} was extracted with other settings; run `dgate extract` again")
+    wanted = list(config.gates if gates is None else gates)
+    unknown = [g for g in wanted if g not in config.gates]
+    if unknown:
+        raise CacheMismatchError(f"gate {unknown[0]} is not in the cache of {run_dir} (it has {', '.join(config.gates)}); extract it first")
+    keys = ["logits", "labels", "index"] + ([feature_key(g) for g in wanted] if with_features else [])
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    d = split_dir(run_dir, split)
+    for i, shard in enumerate(index.shards):
+        path = d / shard["file"]
+        if not path.is_file():
+            raise CacheMismatchError(f"{path} is missing; run `dgate extract {run_dir}` again to rebuild the cache")
+        with safe_open(str(path), framework="pt") as f:
+            for k in keys:
+                parts[k].append(f.get_tensor(k))
+        if on_shard:
+            on_shard(i + 1, len(index.shards))
+    cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+    return SplitFeatures(
+        features={g: cat[feature_key(g)] for g in wanted} if with_features else {},
+        logits=cat["logits"],
+        labels=cat["labels"],
+        index=cat["index"],
+    )

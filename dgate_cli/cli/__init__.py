@@ -1,0 +1,1 @@
+"""The ``dgate`` command line: parses arguments, calls the library, renders the results."""

@@ -1,0 +1,72 @@
+"""Option types shared by several commands, defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+RunDir = Annotated[Path, typer.Argument(help="Run directory: holds the feature cache, gates and calibration.", show_default=False)]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model spec: cifar_resnet20|32|44|56|110, a torchvision name (resnet50, vit_b_16, ...), "
+        "or package.module:factory. Run `dgate models` for the list.",
+        show_default=False,
+    ),
+]
+Weights = Annotated[
+    str | None,
+    typer.Option(
+        "--weights",
+        "-w",
+        help="Checkpoint: .safetensors, or a torch.save file (read with weights_only=True; the state dict may sit "
+        "under 'state_dict' or 'model', 'module.' prefixes are removed), or torchvision:DEFAULT / torchvision:TAG.",
+        show_default=False,
+    ),
+]
+ModelKwargs = Annotated[
+    str | None,
+    typer.Option("--model-kwargs", help='Constructor keyword arguments as JSON, e.g. \'{"num_classes": 10}\'.', show_default=False),
+]
+Gates = Annotated[
+    str | None,
+    typer.Option(
+        "--gates",
+        "-g",
+        help="Comma-separated gate positions (module names, e.g. layer2.4,layer3), 'all' for every candidate "
+        "position, or leave out for the family's defaults. `dgate stages MODEL` lists them.",
+        show_default=False,
+    ),
+]
+Device = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda or cuda:N.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+Workers = Annotated[
+    int | None, typer.Option("--workers", "-j", min=0, help="Data loader processes (default: CPU count, at most 8).", show_default=False)
+]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables; no progress bars.")]
+Data = Annotated[
+    str,
+    typer.Option("--data", help="Labelled images: an ImageFolder directory, or cifar10:ROOT:train|test.", show_default=False),
+]
+
+
+def split_list(value: str | None) -> list[str] | None:
+    """``"a, b"`` -> ``["a", "b"]``; None or empty -> None."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items or None
+
+
+def float_tuple(value: str | None, name: str) -> tuple[float, ...] | None:
+    """Parse ``"0.5,0.5,0.5"``; a clear error otherwise."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers like 0.485,0.456,0.406, got '{value}'", param_hint=name) from None

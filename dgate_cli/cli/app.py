@@ -1,0 +1,58 @@
+"""The ``dgate`` application: one line per subcommand, and the single error funnel."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from ..errors import DgateError
+from ._output import err, fail
+
+app = typer.Typer(
+    name="dgate",
+    help="Retrofit decision gates onto a pretrained image classifier so that easy images exit early.\n\n"
+    "Pipeline: extract -> fit -> calibrate -> export -> evaluate / bench. Try `dgate demo` first.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def funnel(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn dgate's errors into a one-line message and exit code 2 (tracebacks with DGATE_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (DgateError, OSError) as exc:
+            if os.environ.get("DGATE_DEBUG"):
+                raise
+            fail(str(exc) if isinstance(exc, DgateError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]: finished work is kept; run the same command again to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def command(name: str, fn: Callable[..., Any]) -> None:
+    app.command(name)(funnel(fn))
+
+
+from .extract import extract_command  # noqa: E402
+from .stages import models_command, stages_command  # noqa: E402
+
+command("extract", extract_command)
+command("stages", stages_command)
+command("models", models_command)
+
+
+def main() -> None:
+    """Entry point of the ``dgate`` console script."""
+    app(prog_name="dgate")

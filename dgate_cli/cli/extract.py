@@ -1,0 +1,111 @@
+"""``dgate extract``: cache frozen stage features of every image."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .. import cache
+from ..extract import ExtractResult, extract
+from ..features import Pooling
+from ..flops import human
+from . import _options as o
+from ._output import fail, note, out, pct, print_json, progress, warn
+
+
+def extract_command(
+    run_dir: o.RunDir,
+    model: o.Model = None,
+    weights: o.Weights = None,
+    model_kwargs: o.ModelKwargs = None,
+    train: Annotated[str | None, typer.Option(help="Training images (gates are fitted on them).", show_default=False)] = None,
+    val: Annotated[str | None, typer.Option(help="Calibration images (thresholds are chosen on them).", show_default=False)] = None,
+    test: Annotated[str | None, typer.Option(help="Held-out images for the final report.", show_default=False)] = None,
+    gates: o.Gates = None,
+    pool: Annotated[str, typer.Option(help="Pooled grid sizes per gate: 1 (global), 2, 4, or several like 1,2.")] = "1",
+    pool_op: Annotated[str, typer.Option(help="Pooling operation: avg, max or avg+max.")] = "avg",
+    resize: Annotated[int | None, typer.Option(help="Resize the shorter side to N px (0: no resize).", show_default=False)] = None,
+    crop: Annotated[int | None, typer.Option(help="Centre-crop to N x N px (0: no crop).", show_default=False)] = None,
+    mean: Annotated[str | None, typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406.", show_default=False)] = None,
+    std: Annotated[str | None, typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225.", show_default=False)] = None,
+    device: o.Device = "auto",
+    batch_size: o.BatchSize = 256,
+    workers: o.Workers = None,
+    feature_dtype: Annotated[str, typer.Option(help="float32 (exact calibration) or float16/bfloat16 (half the disk).")] = "float32",
+    channels_last: Annotated[bool, typer.Option(help="Channels-last memory format (faster convolutions).")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace a RUN_DIR that was made for another model or weights.")] = False,
+    json: o.Json = False,
+) -> None:
+    """Run the frozen backbone once over each split and cache pooled gate features, logits and labels.
+
+    The cache lives in RUN_DIR/cache as safetensors shards. An interrupted run resumes from its last
+    complete shard; a finished cache is reused; a cache made with other settings or files is rebuilt.
+    Without --model, the settings of an existing RUN_DIR are reused (e.g. to add --test later).
+
+    Example: dgate extract runs/r56 --model cifar_resnet56 --weights resnet56.th --train cifar/train --val cifar/val --test cifar/test
+    """
+    splits = {k: v for k, v in (("train", train), ("val", val), ("test", test)) if v}
+    kwargs: dict = {}
+    if model is None:
+        if not cache.run_file(run_dir).is_file():
+            fail(f"--model is required: {run_dir} has no earlier extraction to take the settings from")
+        old = cache.read_run(run_dir)
+        model, model_kwargs = old.model["spec"], old.model["kwargs"]
+        weights = weights or (old.weights or {}).get("source")
+        gates = gates or ",".join(old.gates)
+        pooling = Pooling.from_dict(old.pooling)
+        kwargs["preprocess"] = old.preprocess
+        splits = {**old.splits, **splits}
+        feature_dtype = old.feature_dtype
+    else:
+        pooling = Pooling.parse(pool, pool_op)
+        kwargs["preprocess"] = {
+            "resize": resize,
+            "crop": crop,
+            "mean": o.float_tuple(mean, "--mean"),
+            "std": o.float_tuple(std, "--std"),
+        }
+        if "train" not in splits or "val" not in splits:
+            fail("pass --train and --val (the images to fit gates on and to calibrate thresholds on)")
+    with progress(enabled=not json) as bar:
+        result = extract(
+            run_dir,
+            model,
+            splits,
+            weights=weights,
+            model_kwargs=model_kwargs,
+            gates=o.split_list(gates),
+            pooling=pooling,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            feature_dtype=feature_dtype,
+            channels_last=channels_last,
+            overwrite=overwrite,
+            progress=bar,
+            **kwargs,
+        )
+    if json:
+        print_json(result.to_dict())
+        return
+    for n in result.notes:
+        (warn if "random" in n else note)(n)
+    render(result)
+
+
+def render(result: ExtractResult) -> None:
+    c = result.config
+    table = Table(title=f"dgate extract: {c.model['spec']} -> {result.run_dir}", title_justify="left")
+    for col in ("split", "images", "backbone acc", "time", "img/s", "cache"):
+        table.add_column(col, justify="right" if col not in ("split", "cache") else "left")
+    for s in result.splits.values():
+        state = "reused" if s.reused else (f"resumed at {s.resumed_from}" if s.resumed_from else "extracted")
+        rate = "-" if s.reused else f"{s.images_per_second:,.0f}"
+        table.add_row(s.split, f"{s.images:,}", pct(s.backbone_accuracy), f"{s.seconds:.1f} s", rate, state)
+    out.print(table)
+    gates = ", ".join(f"{g} ({d})" for g, d in zip(c.gates, c.feature_sizes, strict=True))
+    out.print(f"gates (feature size): {gates}")
+    out.print(f"pooling: {Pooling.from_dict(c.pooling)}   backbone cost: {human(c.costs['backbone'])}{c.costs['unit']} per image   device: {result.device}")
+    out.print(f"next: dgate fit {result.run_dir}")

@@ -1,0 +1,333 @@
+"""``dgate extract``: one frozen pass over each split -> pooled gate features, logits, labels on disk."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import cache
+from ._device import describe, resolve_device
+from .data import ImageDataset, iterate, make_loader, open_dataset
+from .errors import CacheMismatchError, DataError, SpecError
+from .features import Pooling, layout_of, pool
+from .flops import UNIT, gate_macs, stage_costs
+from .models import Backbone, build_backbone
+from .models.staging import run_stages
+
+ProgressFn = Callable[[str, int, int], None]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHARD_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    """What extraction did for one split."""
+
+    split: str
+    data: str
+    images: int
+    backbone_accuracy: float
+    seconds: float
+    reused: bool
+    resumed_from: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.images - self.resumed_from
+        return done / self.seconds if self.seconds > 0 and not self.reused else float("nan")
+
+
+@dataclass
+class ExtractResult:
+    """The outcome of :func:`extract`."""
+
+    run_dir: Path
+    config: cache.RunConfig
+    splits: dict[str, SplitSummary]
+    device: str
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "model": self.config.model["spec"],
+            "gates": self.config.gates,
+            "feature_sizes": dict(zip(self.config.gates, self.config.feature_sizes, strict=True)),
+            "device": self.device,
+            "seconds": round(self.seconds, 3),
+            "cost_unit": UNIT,
+            "backbone_macs": self.config.costs["backbone"],
+            "splits": {
+                s.split: {
+                    "data": s.data,
+                    "images": s.images,
+                    "backbone_accuracy": s.backbone_accuracy,
+                    "seconds": round(s.seconds, 3),
+                    "images_per_second": None if s.reused else round(s.images_per_second, 1),
+                    "reused": s.reused,
+                    "resumed_from": s.resumed_from,
+                }
+                for s in self.splits.values()
+            },
+            "notes": self.notes,
+        }
+
+
+def _example_input(dataset: ImageDataset, backbone: Backbone) -> torch.Tensor:
+    image, _, _ = dataset[0]
+    return backbone.preprocess.normalize(image.unsqueeze(0))
+
+
+def describe_run(backbone: Backbone, gates: list[str] | None, pooling: Pooling, example: torch.Tensor) -> dict[str, Any]:
+    """Resolve gates, probe stage shapes and layouts, and count stage and gate costs."""
+    cuts = backbone.resolve_gates(gates)
+    stages = backbone.graph.split(cuts)
+    with torch.inference_mode():
+        outs = run_stages(stages, example)
+    layouts = [layout_of(o, backbone.family.channels_last) for o in outs[:-1]]
+    for cut, lay in zip(cuts, layouts, strict=True):
+        if lay == "unsupported":
+            raise SpecError(f"gate position '{cut.name}' outputs a {outs[cuts.index(cut)].dim()}-d tensor; choose a position with 2-, 3- or 4-d output")
+    with torch.inference_mode():
+        feats = [pool(o, pooling, lay) for o, lay in zip(outs, layouts)]
+    num_classes = int(outs[-1].shape[-1])
+    costs = stage_costs(stages, example)
+    gates_macs = [
+        gate_macs(pooling.macs(tuple(o.shape[1:])), int(f.shape[1]), num_classes) for o, f in zip(outs, feats)
+    ]
+    return {
+        "cuts": cuts,
+        "stages": stages,
+        "layouts": layouts,
+        "stage_shapes": [list(o.shape[1:]) for o in outs[:-1]],
+        "feature_sizes": [int(f.shape[1]) for f in feats],
+        "num_classes": num_classes,
+        "costs": {
+            "unit": UNIT,
+            "stages": [c.to_dict() for c in costs],
+            "gates": gates_macs,
+            "backbone": sum(c.macs for c in costs),
+        },
+    }
+
+
+def _check_classes(datasets: Mapping[str, ImageDataset], num_classes: int, model: str) -> list[str]:
+    names = list(datasets)
+    classes = datasets[names[0]].classes
+    for name in names[1:]:
+        if datasets[name].classes != classes:
+            raise DataError(
+                f"the {name} data has classes {datasets[name].classes[:4]}... but {names[0]} has {classes[:4]}...; "
+                "every split needs the same class folders"
+            )
+    if len(classes) != num_classes:
+        raise DataError(
+            f"{model} predicts {num_classes} classes but the data has {len(classes)} class folders; "
+            "pass weights and --model-kwargs for the data's classes"
+        )
+    return list(classes)
+
+
+def _prepare_run_dir(run_dir: Path, config: cache.RunConfig, overwrite: bool, notes: list[str]) -> cache.RunConfig:
+    """Reconcile ``config`` with what ``run_dir`` already holds; return the config to write."""
+    path = cache.run_file(run_dir)
+    if not path.exists():
+        return config
+    try:
+        old = cache.read_run(run_dir)
+    except CacheMismatchError:
+        if not overwrite:
+            raise
+        old = None
+    if old is not None and not overwrite:
+        if old.model != config.model or (old.weights or {}).get("sha256") != (config.weights or {}).get("sha256"):
+            raise CacheMismatchError(
+                f"{run_dir} belongs to {old.model['spec']} with weights {(old.weights or {}).get('source', 'random init')}; "
+                "use another RUN_DIR, or pass --overwrite to replace it"
+            )
+        if old.identity() == config.identity():
+            config.splits = {**old.splits, **config.splits}
+            return config
+        notes.append(f"{run_dir} was extracted with other gates, pooling or preprocessing; rebuilding its cache")
+    for p in (run_dir / cache.CACHE_DIR,):
+        shutil.rmtree(p, ignore_errors=True)
+    for name in ("gates.json", "gates.safetensors", "calibration.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    return config
+
+
+def extract(
+    run_dir: str | Path,
+    model: str,
+    splits: Mapping[str, str],
+    *,
+    weights: str | None = None,
+    model_kwargs: dict[str, Any] | str | None = None,
+    gates: list[str] | None = None,
+    pooling: Pooling | None = None,
+    preprocess: Mapping[str, Any] | None = None,
+    device: str = "auto",
+    batch_size: int = 256,
+    workers: int | None = None,
+    feature_dtype: str = "float32",
+    channels_last: bool = True,
+    shard_size: int | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+) -> ExtractResult:
+    """Run the frozen backbone once over each split and cache pooled gate features.
+
+    Args:
+        run_dir: directory for the cache (created if needed).
+        model: model spec, e.g. ``"cifar_resnet56"`` or ``"torchvision:resnet50"``.
+        splits: split name -> data spec, e.g. ``{"train": "data/train", "val": "data/val"}``.
+        weights: checkpoint file or ``torchvision:TAG`` (None: random init).
+        model_kwargs: constructor keyword arguments.
+        gates: gate positions (module names); None: the family's defaults.
+        pooling: how stage outputs are pooled (default: global average).
+        preprocess: overrides of the model's preprocessing (``resize``, ``crop``, ``mean``, ``std``).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: images per batch.
+        workers: loader processes (None: CPU count, at most 8).
+        feature_dtype: ``float32`` (default; exact calibration), ``float16`` or ``bfloat16`` (half the disk).
+        channels_last: run convolutions in channels-last memory format (faster on most CPUs and GPUs).
+        shard_size: samples per shard (None: about 256 MB per shard, 256 to 8192 samples).
+        overwrite: replace a run directory made for another model or weights.
+        progress: called as ``progress(split, done, total)`` after each batch.
+
+    Example:
+        >>> r = extract("runs/r56", "cifar_resnet56", {"train": "cifar/train", "val": "cifar/val"},
+        ...             weights="resnet56-4bfd9763.th")  # doctest: +SKIP
+        >>> r.splits["val"].backbone_accuracy  # doctest: +SKIP
+        0.8302
+    """
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    if not splits:
+        raise SpecError("no data to extract; pass --train and --val (and optionally --test)")
+    if feature_dtype not in _DTYPES:
+        raise SpecError(f"feature dtype must be one of {', '.join(_DTYPES)}, got '{feature_dtype}'")
+    if batch_size < 1:
+        raise SpecError(f"--batch-size must be at least 1, got {batch_size}")
+    pooling = pooling or Pooling()
+    dev = resolve_device(device)
+    backbone = build_backbone(model, weights=weights, model_kwargs=model_kwargs)
+    backbone.preprocess = backbone.preprocess.override(**dict(preprocess or {}))
+    notes: list[str] = []
+    if weights is None:
+        notes.append("no --weights given: the backbone is randomly initialised")
+    datasets = {name: open_dataset(spec, backbone.preprocess) for name, spec in splits.items()}
+    example = _example_input(next(iter(datasets.values())), backbone)
+    info = describe_run(backbone, gates, pooling, example)
+    classes = _check_classes(datasets, info["num_classes"], str(backbone.spec))
+    config = cache.RunConfig(
+        model=backbone.spec.to_dict(),
+        weights=backbone.weights.to_dict() if backbone.weights else None,
+        gates=[c.name for c in info["cuts"]],
+        pooling=pooling.to_dict(),
+        preprocess=backbone.preprocess.to_dict(),
+        input_size=int(example.shape[-1]),
+        feature_dtype=feature_dtype,
+        classes=classes,
+        layouts=info["layouts"],
+        stage_shapes=info["stage_shapes"],
+        feature_sizes=info["feature_sizes"],
+        costs=info["costs"],
+        splits={name: str(ds.spec) for name, ds in datasets.items()},
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = _prepare_run_dir(run_dir, config, overwrite, notes)
+    cache.write_run(run_dir, config)
+
+    stages = info["stages"]
+    module = backbone.module.to(dev)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    per_sample = 4 * (sum(config.feature_sizes) + config.num_classes) + 16
+    shard = shard_size or max(256, min(8192, SHARD_BYTES // per_sample))
+    summaries = {}
+    for name, ds in datasets.items():
+        summaries[name] = _extract_split(
+            run_dir, name, ds, backbone, stages, config, dev, batch_size, workers, channels_last, shard, progress, notes
+        )
+    return ExtractResult(run_dir, config, summaries, describe(dev), time.perf_counter() - t0, notes)
+
+
+def _extract_split(
+    run_dir: Path,
+    split: str,
+    dataset: ImageDataset,
+    backbone: Backbone,
+    stages: list[torch.nn.Module],
+    config: cache.RunConfig,
+    device: torch.device,
+    batch_size: int,
+    workers: int | None,
+    channels_last: bool,
+    shard_size: int,
+    progress: ProgressFn | None,
+    notes: list[str],
+) -> SplitSummary:
+    t0 = time.perf_counter()
+    identity = config.identity()
+    fingerprint = dataset.fingerprint()
+    index = cache.read_index(run_dir, split)
+    if index is not None and (index.identity != identity or index.fingerprint != fingerprint):
+        what = "files" if index.identity == identity else "settings"
+        notes.append(f"the {split} cache was made from other {what}; rebuilding it")
+        cache.reset_split(run_dir, split)
+        index = None
+    if index is not None and index.complete:
+        cached = cache.load_split(run_dir, split, with_features=False)
+        if progress:
+            progress(split, len(cached), len(cached))
+        return SplitSummary(split, str(dataset.spec), len(cached), cached.backbone_accuracy, time.perf_counter() - t0, reused=True)
+    if index is None:
+        cache.reset_split(run_dir, split)
+        index = cache.SplitIndex(identity, str(dataset.spec), fingerprint, len(dataset), shard_size, config.classes)
+        cache.write_index(run_dir, split, index)
+    resumed = index.done
+    dtype = _DTYPES[config.feature_dtype]
+    pooling = Pooling.from_dict(config.pooling)
+    writer = cache.SplitWriter(run_dir, split, index)
+    loader = make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda", start=resumed)
+    correct = 0
+    done = resumed
+    if progress:
+        progress(split, done, len(dataset))
+    try:
+        with torch.inference_mode():
+            for images, labels, idx in iterate(loader):
+                x = backbone.preprocess.normalize(images.to(device, non_blocking=True))
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                batch: dict[str, torch.Tensor] = {}
+                for k, stage in enumerate(stages):
+                    x = stage(x)
+                    if k < len(config.gates):
+                        batch[cache.feature_key(config.gates[k])] = pool(x, pooling, config.layouts[k]).to(dtype).cpu()
+                logits = x.float().cpu()
+                batch.update(logits=logits, labels=labels, index=idx)
+                correct += int((logits.argmax(1) == labels).sum())
+                writer.add(batch)
+                done += labels.shape[0]
+                if progress:
+                    progress(split, done, len(dataset))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    seconds = time.perf_counter() - t0
+    if resumed:
+        notes.append(f"resumed {split} at image {resumed} of {len(dataset)}")
+        accuracy = cache.load_split(run_dir, split, with_features=False).backbone_accuracy
+    else:
+        accuracy = correct / max(1, len(dataset))
+    return SplitSummary(split, str(dataset.spec), len(dataset), accuracy, seconds, reused=False, resumed_from=resumed)

@@ -1,0 +1,276 @@
+"""Model specs -> frozen backbones that know their stages.
+
+A model is named by a spec string:
+
+- ``cifar_resnet20|32|44|56|110``: CIFAR ResNets with option-A shortcuts;
+- ``torchvision:NAME`` or just ``NAME``: any torchvision classification model (``resnet50``, ``vit_b_16``);
+- ``package.module:factory``: a user's function returning an ``nn.Module`` (keyword arguments from
+  ``model_kwargs``);
+- ``demo_cnn``: the small CNN of ``dgate demo``.
+
+Weights come from a ``.safetensors`` or ``torch.save`` file (read with ``weights_only=True``), or a
+torchvision weights name such as ``torchvision:DEFAULT`` or ``torchvision:IMAGENET1K_V2``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from .._io import sha256_file
+from ..errors import SpecError, WeightsError
+from ..preprocess import Preprocess, from_torchvision_weights
+from .cifar_resnet import DEPTHS, cifar_resnet
+from .registry import Family, family_of
+from .staging import Cut, StageGraph, eval_mode
+from .weights import load_into, read_state_dict
+
+__all__ = ["Backbone", "ModelSpec", "WeightsRef", "build_backbone", "parse_model_spec", "list_builtin_models"]
+
+_CIFAR_RE = re.compile(r"^cifar_resnet(\d+)$")
+CIFAR_PREPROCESS = Preprocess()  # 32x32 as is, ImageNet mean/std (the checkpoints' training recipe)
+
+
+def list_builtin_models() -> list[str]:
+    """Names accepted without a ``torchvision:`` or factory prefix."""
+    return [f"cifar_resnet{d}" for d in DEPTHS] + ["demo_cnn"] + sorted(tvm.list_models(module=tvm))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec.
+
+    Attributes:
+        source: ``cifar_resnet``, ``torchvision``, ``demo`` or ``factory``.
+        name: the model name within the source (``56``, ``resnet50``, ``pkg.mod:fn``).
+        kwargs: keyword arguments for the constructor.
+    """
+
+    source: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if self.source == "cifar_resnet":
+            return f"cifar_resnet{self.name}"
+        if self.source == "torchvision":
+            return f"torchvision:{self.name}"
+        if self.source == "demo":
+            return "demo_cnn"
+        return self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": str(self), "kwargs": dict(self.kwargs)}
+
+
+def parse_model_spec(spec: str, kwargs: dict[str, Any] | str | None = None) -> ModelSpec:
+    """Parse a model spec string (and JSON or dict keyword arguments).
+
+    Example:
+        >>> parse_model_spec("cifar_resnet56")
+        ModelSpec(source='cifar_resnet', name='56', kwargs={})
+        >>> str(parse_model_spec("resnet50", '{"num_classes": 10}'))
+        'torchvision:resnet50'
+    """
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs) if kwargs.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"--model-kwargs is not valid JSON ({exc.msg}); write it like '{{\"num_classes\": 10}}'") from exc
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise SpecError("--model-kwargs must be a JSON object, like '{\"num_classes\": 10}'")
+    kwargs = dict(kwargs)
+    spec = spec.strip()
+    hint = "run `dgate models` to list built-in names, or pass package.module:factory"
+    if m := _CIFAR_RE.match(spec):
+        if int(m.group(1)) not in DEPTHS:
+            raise SpecError(f"unknown model '{spec}': CIFAR ResNet depths are {', '.join(map(str, DEPTHS))}; {hint}")
+        return ModelSpec("cifar_resnet", m.group(1), kwargs)
+    if spec == "demo_cnn":
+        return ModelSpec("demo", "demo_cnn", kwargs)
+    name = spec.removeprefix("torchvision:")
+    if name != spec or ":" not in spec:
+        if name not in tvm.list_models(module=tvm):
+            raise SpecError(f"unknown model '{spec}'; {hint}")
+        return ModelSpec("torchvision", name, kwargs)
+    module, _, attr = spec.partition(":")
+    if not module or not attr or not all(p.isidentifier() for p in [*module.split("."), attr]):
+        raise SpecError(f"model spec '{spec}' is not of the form package.module:factory; {hint}")
+    return ModelSpec("factory", spec, kwargs)
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """Where a backbone's weights came from: the source as given and the sha256 of the file read."""
+
+    source: str
+    sha256: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"source": self.source, "sha256": self.sha256}
+
+
+def _instantiate(spec: ModelSpec) -> nn.Module:
+    try:
+        if spec.source == "cifar_resnet":
+            return cifar_resnet(int(spec.name), **spec.kwargs)
+        if spec.source == "torchvision":
+            return tvm.get_model(spec.name, weights=None, **spec.kwargs)
+        if spec.source == "demo":
+            from ..demo import demo_cnn
+
+            return demo_cnn(**spec.kwargs)
+    except TypeError as exc:
+        raise SpecError(f"cannot build {spec} with --model-kwargs {json.dumps(spec.kwargs)} ({exc}); check the argument names") from exc
+    module_name, _, attr = spec.name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SpecError(f"cannot import '{module_name}' for model '{spec.name}' ({exc}); install it or add its folder to PYTHONPATH") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise SpecError(f"'{module_name}' has no callable '{attr}' for model '{spec.name}'; check the factory name")
+    try:
+        model = factory(**spec.kwargs)
+    except TypeError as exc:
+        raise SpecError(f"cannot call {spec.name} with --model-kwargs {json.dumps(spec.kwargs)} ({exc}); check the argument names") from exc
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"{spec.name} returned {type(model).__name__}, not a torch.nn.Module; return the model from the factory")
+    return model
+
+
+def _torchvision_weights(spec: ModelSpec, tag: str) -> Any:
+    if spec.source != "torchvision":
+        raise SpecError(f"--weights torchvision:{tag} is only for torchvision models, not {spec}; pass a weights file")
+    enum = tvm.get_model_weights(spec.name)
+    try:
+        return enum[tag]
+    except KeyError:
+        names = ", ".join(f"torchvision:{k}" for k in enum.__members__)
+        raise SpecError(f"{spec.name} has no torchvision weights '{tag}'; choose one of {names}") from None
+
+
+def _load_torchvision_weights(weights: Any) -> tuple[dict[str, torch.Tensor], str]:
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if not hub.is_file():
+        try:
+            weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:  # urllib, hash and IO errors all mean the same here
+            raise WeightsError(
+                f"cannot download {weights} ({type(exc).__name__}); on a machine with network access fetch "
+                f"{weights.url} and pass it with --weights FILE (or place it at {hub})"
+            ) from exc
+    return read_state_dict(hub), str(hub)
+
+
+class Backbone:
+    """A frozen, pretrained model, its spec, family, preprocessing and stage graph.
+
+    Build one with :func:`build_backbone`.
+    """
+
+    def __init__(self, module: nn.Module, spec: ModelSpec, preprocess: Preprocess, weights: WeightsRef | None, input_size: int):
+        self.module = module
+        self.spec = spec
+        self.preprocess = preprocess
+        self.weights = weights
+        self.input_size = input_size
+        self.family: Family = family_of(module)
+
+    @cached_property
+    def graph(self) -> StageGraph:
+        """The traced stage graph (built on first use)."""
+        return StageGraph(self.module, str(self.spec))
+
+    def candidate_cuts(self) -> list[Cut]:
+        """The family's candidate gate positions, resolved to cuts, in execution order."""
+        seen: dict[str, Cut] = {}
+        for name in self.family.candidates(self.module):
+            if name in self.graph:
+                cut = self.graph.find(name)
+                seen.setdefault(cut.name, cut)
+        return sorted(seen.values(), key=lambda c: c.order)
+
+    def default_gates(self) -> list[str]:
+        """The family's default gate positions (generic models: three evenly spaced candidates)."""
+        names = self.family.defaults(self.module)
+        if names:
+            return [c.name for c in self.graph.resolve(names)]
+        cands = self.candidate_cuts() or self.graph.cuts
+        if len(cands) <= 3:
+            return [c.name for c in cands]
+        picks = sorted({round(len(cands) * q) for q in (0.25, 0.5, 0.75)})
+        return [cands[min(i, len(cands) - 1)].name for i in picks]
+
+    def resolve_gates(self, gates: list[str] | None) -> list[Cut]:
+        """Resolve gate names to cuts in execution order (None: the family's defaults; ``["all"]``: every candidate)."""
+        if gates == ["all"]:
+            return self.candidate_cuts() or self.graph.cuts
+        return self.graph.resolve(gates if gates else self.default_gates())
+
+    @cached_property
+    def num_classes(self) -> int:
+        """Number of outputs of the model (one dummy forward pass)."""
+        with torch.inference_mode(), eval_mode(self.module):
+            out = self.module(torch.zeros(1, 3, self.input_size, self.input_size, device=_device_of(self.module)))
+        return int(out.shape[-1])
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def build_backbone(
+    spec: str | ModelSpec,
+    weights: str | os.PathLike[str] | None = None,
+    model_kwargs: dict[str, Any] | str | None = None,
+    input_size: int | None = None,
+) -> Backbone:
+    """Build a backbone from a spec and load its weights (None: random init).
+
+    Args:
+        spec: a model spec string or :class:`ModelSpec`.
+        weights: a ``.safetensors`` / ``torch.save`` file, or ``torchvision:TAG``.
+        model_kwargs: constructor keyword arguments (dict or JSON string).
+        input_size: the square input size, where the model's default preprocessing gives none.
+
+    Example:
+        >>> bb = build_backbone("cifar_resnet20")
+        >>> bb.default_gates()
+        ['layer1', 'layer2']
+    """
+    ms = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec, model_kwargs)
+    module = _instantiate(ms)
+    ref: WeightsRef | None = None
+    tv_weights = None
+    if weights is not None:
+        w = str(weights)
+        if w.startswith("torchvision:"):
+            tv_weights = _torchvision_weights(ms, w.split(":", 1)[1])
+            sd, path = _load_torchvision_weights(tv_weights)
+        else:
+            sd, path = read_state_dict(w), w
+        load_into(module, sd, str(ms), path)
+        ref = WeightsRef(source=w, sha256=sha256_file(path))
+    module.eval()
+    if ms.source == "torchvision":
+        preprocess = from_torchvision_weights(tv_weights or tvm.get_model_weights(ms.name).DEFAULT)
+    elif ms.source in ("cifar_resnet", "demo"):
+        preprocess = CIFAR_PREPROCESS
+    else:
+        preprocess = Preprocess()
+    size = input_size or preprocess.input_size(fallback=32 if ms.source in ("cifar_resnet", "demo") else 224)
+    return Backbone(module, ms, preprocess, ref, size)
