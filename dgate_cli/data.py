@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,6 @@ def iterate(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor, to
         text = str(exc).strip()
         if "Original Traceback" in text:
             last = text.splitlines()[-1]
-            prefix = f"{type(exc).__name__}: "
-            raise type(exc)(last.removeprefix(prefix)) from None
+            last = re.sub(rf"^(?:[\w.]+\.)?{type(exc).__name__}: ", "", last)
+            raise type(exc)(last) from None
         raise

@@ -58,8 +58,13 @@ class Pooling:
     def __str__(self) -> str:
         return f"{'+'.join(self.ops)}@{','.join(map(str, self.sizes))}"
 
-    def feature_size(self, channels: int) -> int:
-        """Length of the feature vector for a stage output with ``channels`` channels."""
+    def feature_size(self, channels: int, layout: str = "nchw") -> int:
+        """Length of the feature vector for a stage output with ``channels`` channels.
+
+        2-d outputs (``nc``) are used as they are, whatever the pooling.
+        """
+        if layout == "nc":
+            return channels
         return channels * len(self.ops) * sum(s * s for s in self.sizes)
 
     def to_dict(self) -> dict[str, list]:
@@ -70,7 +75,10 @@ class Pooling:
         return cls(tuple(d["sizes"]), tuple(d["ops"]))
 
     def macs(self, shape: tuple[int, ...]) -> int:
-        """MAC-equivalents of pooling one sample of ``shape`` (each input value read once per view)."""
+        """MAC-equivalents of pooling one sample of ``shape`` (each input value read once per view;
+        2-d outputs are not pooled)."""
+        if len(shape) == 1:
+            return 0
         return math.prod(shape) * len(self.ops) * len(self.sizes)
 
 
@@ -102,7 +110,7 @@ def pool(x: torch.Tensor, pooling: Pooling, layout: str) -> torch.Tensor:
         torch.Size([2, 80])
     """
     if layout == "nc":
-        return x.flatten(1)
+        return x.flatten(1).clone()  # a copy: the next stage may modify its input in place
     parts = []
     for op in pooling.ops:
         for size in pooling.sizes:

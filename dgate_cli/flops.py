@@ -58,11 +58,11 @@ def _no_mha_fastpath():
 
 def count_thop(module: nn.Module, x: torch.Tensor) -> int:
     """MACs per sample by thop, profiling a deep copy (thop leaves buffers in what it profiles)."""
-    import thop  # imported here: it imports distutils and prints on import in some versions
-
     clone = copy.deepcopy(module)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")
+        import thop  # here: it imports distutils, warns and prints on import in some versions
+
         macs, _params = thop.profile(clone, inputs=(x,), verbose=False)
     return int(round(float(macs) / x.shape[0]))
 
@@ -102,7 +102,7 @@ def gate_macs(pooled_input_macs: int, features: int, classes: int) -> int:
 
 def human(macs: float) -> str:
     """Format a MAC count: ``125.5 M``, ``4.09 G``."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(macs) >= scale:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(float(f"{macs:.4g}")) >= scale:
             return f"{macs / scale:.4g} {unit}"
     return f"{macs:.0f} "

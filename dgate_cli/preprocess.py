@@ -15,6 +15,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from .errors import SpecError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC, "nearest": InterpolationMode.NEAREST}
@@ -45,15 +47,15 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
+            raise SpecError(f"--interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
         if len(self.mean) != len(self.std):
-            raise ValueError(f"mean has {len(self.mean)} values and std {len(self.std)}; give one per channel")
+            raise SpecError(f"--mean has {len(self.mean)} values and std {len(self.std)}; give one per channel")
         if any(s <= 0 for s in self.std):
-            raise ValueError(f"std values must be positive, got {self.std}")
+            raise SpecError(f"--std values must be positive, got {self.std}")
         for name in ("resize", "crop"):
             v = getattr(self, name)
             if v is not None and v <= 0:
-                raise ValueError(f"{name} must be a positive number of pixels, got {v}")
+                raise SpecError(f"--{name} must be a positive number of pixels, got {v}")
 
     def input_size(self, fallback: int) -> int:
         """The square input size the model sees (crop, else resize, else ``fallback``)."""

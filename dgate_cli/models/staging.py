@@ -146,6 +146,8 @@ class StageGraph:
             raise SpecError(f"gate position '{name}' is not a module of {self.model_name}{near}; {hint}")
         if name not in self._last_in_scope:
             raise SpecError(f"gate position '{name}' is a module of {self.model_name} that its forward never calls; {hint}")
+        if self._nodes[self._last_in_scope[name]] is self._final_value:
+            raise SpecError(f"gate position '{name}' computes the output of {self.model_name}; gates go before the head: {hint}")
         raise SpecError(
             f"gate position '{name}' is not a stage boundary of {self.model_name}: more than one tensor is alive "
             f"after it (a skip connection or concatenation crosses it); {hint}"
@@ -227,5 +229,5 @@ def run_stages(stages: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tenso
     outs = []
     for stage in stages:
         x = stage(x)
-        outs.append(x)
+        outs.append(x.clone())  # a later stage may modify its input in place (ReLU(inplace=True))
     return outs

@@ -39,14 +39,21 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise WeightsError(
-                f"{p} holds Python objects that dgate will not unpickle (only tensors and plain containers are "
-                "loaded safely); save model.state_dict() instead, or convert it to .safetensors"
-            ) from exc
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise WeightsError(f"{p} is not a readable torch checkpoint ({type(exc).__name__}: {exc}); check the file") from exc
+            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+                raise WeightsError(
+                    f"{p} holds Python objects that dgate will not unpickle (only tensors and plain containers are "
+                    "loaded safely); save model.state_dict() instead, or convert it to .safetensors"
+                ) from exc
+            raise WeightsError(f"{p} is not a torch checkpoint ({_first_line(exc)}); check the file") from exc
+        except Exception as exc:  # the unpickler raises many kinds of errors on garbage
+            raise WeightsError(f"{p} is not a readable torch checkpoint ({type(exc).__name__}: {_first_line(exc)}); check the file") from exc
     sd = _find_state_dict(obj, p)
     return _strip_prefixes(sd)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _find_state_dict(obj: object, p: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,210 @@
+"""``dgate calibrate``: thresholds for a target accuracy on the calibration split -> ``calibration.json``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _io, cache
+from ._version import __version__
+from .errors import NotFittedError, SpecError
+from .fit import FittedGates, read_gates
+from .gates import SCORES, gate_scores
+from .thresholds import Frontier, GateOutcomes, OperatingPoint, frontier, search, sequential
+
+CALIBRATION_JSON = "calibration.json"
+
+
+def reach_costs(config: cache.RunConfig, names: list[str]) -> torch.Tensor:
+    """Backbone MACs from the input to each of ``names`` (cached gate positions), then the whole model."""
+    cum = torch.tensor([s["macs"] for s in config.costs["stages"]], dtype=torch.float64).cumsum(0)
+    return torch.cat([cum[[config.gates.index(n) for n in names]], cum[-1:]])
+
+
+def gate_costs(config: cache.RunConfig, names: list[str]) -> torch.Tensor:
+    return torch.tensor([config.costs["gates"][config.gates.index(n)] for n in names], dtype=torch.float64)
+
+
+def outcomes(config: cache.RunConfig, gates: FittedGates, split: cache.SplitFeatures, names: list[str], score: str) -> tuple[GateOutcomes, torch.Tensor]:
+    """Per-sample scores and correctness at each gate, and the ``(N, G)`` gate predictions."""
+    scores, preds = [], []
+    for n in names:
+        s, p = gate_scores(gates.outputs(n, split.features[n]), score)
+        scores.append(s)
+        preds.append(p)
+    pred = torch.stack(preds, 1) if preds else torch.empty(len(split), 0, dtype=torch.long)
+    oc = GateOutcomes(
+        scores=torch.stack(scores, 1) if scores else torch.empty(len(split), 0),
+        correct=pred == split.labels[:, None],
+        final_correct=split.logits.argmax(1) == split.labels,
+        reach_costs=reach_costs(config, names),
+        gate_costs=gate_costs(config, names),
+    )
+    return oc, pred
+
+
+@dataclass
+class CalibrationResult:
+    """The thresholds chosen and the accuracy/cost frontier on the calibration split."""
+
+    run_dir: Path
+    split: str
+    num_samples: int
+    gates: list[str]
+    score: str
+    target_accuracy: float
+    target: dict[str, Any]
+    backbone_accuracy: float
+    chosen: OperatingPoint
+    sequential: OperatingPoint
+    frontier: Frontier
+    reach_costs: list[float]
+    gate_costs: list[float]
+    unit: str
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def backbone_cost(self) -> float:
+        return self.reach_costs[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": 1,
+            "dgate_version": __version__,
+            "run_dir": str(self.run_dir),
+            "split": self.split,
+            "num_samples": self.num_samples,
+            "gates": self.gates,
+            "score": self.score,
+            "target": self.target,
+            "target_accuracy": self.target_accuracy,
+            "backbone_accuracy": self.backbone_accuracy,
+            "chosen": self.chosen.to_dict(),
+            "sequential": self.sequential.to_dict(),
+            "frontier": self.frontier.to_list(),
+            "costs": {"unit": self.unit, "reach": self.reach_costs, "gates": self.gate_costs, "backbone": self.backbone_cost},
+            "seconds": round(self.seconds, 3),
+            "warnings": self.warnings,
+        }
+
+
+def calibrate(
+    run_dir: str | Path,
+    *,
+    target_acc: float | None = None,
+    max_drop: float | None = None,
+    split: str = "val",
+    score: str | None = None,
+    gates: list[str] | None = None,
+    polish: bool = True,
+) -> CalibrationResult:
+    """Choose thresholds with the lowest mean cost such that accuracy on ``split`` reaches the target.
+
+    Args:
+        run_dir: a run directory with fitted gates and the calibration split extracted.
+        target_acc: absolute accuracy to reach, in [0, 1].
+        max_drop: or: the largest accuracy drop allowed below the backbone's on ``split`` (0.01 = 1 point).
+        split: the calibration split (never the one you report on).
+        score: exit rule: ``max`` (largest gate output; default for hinge gates), ``margin``,
+            ``softmax`` (default for ce gates) or ``entropy``.
+        gates: use only these fitted gates (default: all).
+        polish: refine the chosen point with pairwise moves.
+
+    Raises:
+        TargetUnreachableError: with the best reachable and the backbone's accuracy.
+
+    Example:
+        >>> r = calibrate("runs/r56", max_drop=0.01)  # doctest: +SKIP
+        >>> r.chosen.cost_ratio  # doctest: +SKIP
+        0.71
+    """
+    t0 = time.perf_counter()
+    if (target_acc is None) == (max_drop is None):
+        raise SpecError("give exactly one of --target-acc (e.g. 0.93) and --max-drop (e.g. 0.01)")
+    if target_acc is not None and not 0.0 < target_acc <= 1.0:
+        raise SpecError(f"--target-acc must be a fraction in (0, 1], got {target_acc}; for 93% write 0.93")
+    if max_drop is not None and not 0.0 <= max_drop < 1.0:
+        raise SpecError(f"--max-drop must be a fraction in [0, 1), got {max_drop}; for one point write 0.01")
+    run_dir = Path(run_dir)
+    config = cache.read_run(run_dir)
+    fitted = read_gates(run_dir)
+    score = score or fitted.score
+    if score not in SCORES:
+        raise SpecError(f"--score must be one of {', '.join(SCORES)}, got '{score}'")
+    names = gates or fitted.names
+    unknown = [n for n in names if n not in fitted.names]
+    if unknown:
+        raise SpecError(f"gate {unknown[0]} was not fitted in {run_dir} (fitted: {', '.join(fitted.names)}); pass some of those")
+    names = [n for n in fitted.names if n in names]  # execution order
+    index = cache.read_index(run_dir, split)
+    if index is None or not index.complete:
+        raise NotFittedError(f"split '{split}' of {run_dir} was not extracted; run `dgate extract {run_dir} --{split} DATA` first")
+    data = cache.load_split(run_dir, split, gates=names)
+    warnings = []
+    train_index = cache.read_index(run_dir, "train")
+    if split == "train" or (train_index is not None and train_index.fingerprint == index.fingerprint):
+        warnings.append(
+            f"calibrating on '{split}', the images the gates were fitted on: thresholds will be optimistic; calibrate on a held-out split"
+        )
+    oc, _pred = outcomes(config, fitted, data, names, score)
+    target = {"max_drop": max_drop} if max_drop is not None else {"accuracy": target_acc}
+    goal = oc.backbone_accuracy - max_drop if max_drop is not None else float(target_acc)  # type: ignore[arg-type]
+    chosen = search(oc, goal, polish=polish)
+    return _finish(run_dir, split, len(data), names, score, goal, target, oc, chosen, config, warnings, t0)
+
+
+def _finish(
+    run_dir: Path,
+    split: str,
+    n: int,
+    names: list[str],
+    score: str,
+    goal: float,
+    target: dict[str, Any],
+    oc: GateOutcomes,
+    chosen: OperatingPoint,
+    config: cache.RunConfig,
+    warnings: list[str],
+    t0: float,
+) -> CalibrationResult:
+    result = CalibrationResult(
+        run_dir=run_dir,
+        split=split,
+        num_samples=n,
+        gates=names,
+        score=score,
+        target_accuracy=goal,
+        target=target,
+        backbone_accuracy=oc.backbone_accuracy,
+        chosen=chosen,
+        sequential=sequential(oc, goal),
+        frontier=frontier(oc),
+        reach_costs=oc.reach_costs.tolist(),
+        gate_costs=oc.gate_costs.tolist(),
+        unit=config.costs["unit"],
+        seconds=time.perf_counter() - t0,
+        warnings=warnings,
+    )
+    payload = result.to_dict()
+    payload["identity"] = config.identity()
+    payload["gates_sha256"] = _io.sha256_file(run_dir / "gates.safetensors")
+    payload["split_fingerprint"] = cache.read_index(run_dir, split).fingerprint  # type: ignore[union-attr]
+    _io.write_json(run_dir / CALIBRATION_JSON, payload)
+    return result
+
+
+def read_calibration(run_dir: str | Path) -> dict[str, Any]:
+    """Read ``calibration.json``; a clear error if it is missing or stale."""
+    run_dir = Path(run_dir)
+    path = run_dir / CALIBRATION_JSON
+    if not path.is_file():
+        raise NotFittedError(f"{run_dir} has no thresholds; run `dgate calibrate {run_dir} --max-drop 0.01` first")
+    data = _io.read_json(path)
+    if data.get("identity") != cache.read_run(run_dir).identity():
+        raise NotFittedError(f"the thresholds in {run_dir} belong to an older cache; run `dgate calibrate {run_dir}` again")
+    return data

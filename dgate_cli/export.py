@@ -1,0 +1,171 @@
+"""``dgate export`` and :func:`load`: a gated model as ``model.safetensors`` + ``dgate.json``.
+
+``model.safetensors`` holds the backbone's state dict under ``backbone.`` and each gate as
+``gates.<i>.weight`` (K, D) and ``gates.<i>.bias`` (K,), on raw pooled features. ``dgate.json``
+holds everything needed to rebuild the model and to explain it (see :mod:`dgate_cli.manifest`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from . import _io, cache, manifest
+from ._version import __version__
+from .calibrate import read_calibration
+from .errors import CacheMismatchError, ManifestError, MissingFileError
+from .features import Pooling
+from .fit import read_gates
+from .models import build_backbone
+from .models.weights import load_into
+from .runtime import GatedModel
+from .thresholds import OperatingPoint
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    weights_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), "weights_bytes": self.weights_bytes, "manifest": self.manifest}
+
+
+def export(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> ExportResult:
+    """Write the calibrated gated model of ``run_dir`` to ``out_dir``.
+
+    Example:
+        >>> export("runs/r56", "models/r56-gated")  # doctest: +SKIP
+        >>> model = load("models/r56-gated")  # doctest: +SKIP
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    config = cache.read_run(run_dir)
+    fitted = read_gates(run_dir)
+    calib = read_calibration(run_dir)
+    if calib.get("gates_sha256") and calib["gates_sha256"] != _io.sha256_file(run_dir / "gates.safetensors"):
+        raise CacheMismatchError(f"the gates in {run_dir} were refitted after calibration; run `dgate calibrate {run_dir}` again")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / manifest.MANIFEST).is_file():
+        raise MissingFileError(f"{out_dir} exists and is not a dgate export; choose a new or empty --out directory")
+    if (out_dir / manifest.MANIFEST).is_file() and not overwrite:
+        raise CacheMismatchError(f"{out_dir} already holds an exported model; pass --overwrite to replace it")
+    source = (config.weights or {}).get("source")
+    backbone = build_backbone(config.model["spec"], weights=source, model_kwargs=config.model["kwargs"])
+    if backbone.weights and config.weights and backbone.weights.sha256 != config.weights["sha256"]:
+        raise CacheMismatchError(
+            f"{source} changed since `dgate extract` (sha256 differs); run extract, fit and calibrate again on the current weights"
+        )
+    names = calib["gates"]
+    tensors = {f"backbone.{k}": v for k, v in backbone.module.state_dict().items()}
+    for i, name in enumerate(names):
+        tensors[f"gates.{i}.weight"] = fitted.weights[name]
+        tensors[f"gates.{i}.bias"] = fitted.biases[name]
+    idx = [config.gates.index(n) for n in names]
+    data: dict[str, Any] = {
+        "schema_version": manifest.SCHEMA_VERSION,
+        "dgate_version": __version__,
+        "model": config.model,
+        "weights": {"file": manifest.WEIGHTS, "sha256": ""},
+        "source_weights": config.weights,
+        "gates": [
+            {"name": n, "layout": config.layouts[i], "features": config.feature_sizes[i], "cost": calib["costs"]["gates"][k]}
+            for k, (n, i) in enumerate(zip(names, idx, strict=True))
+        ],
+        "pooling": config.pooling,
+        "score": calib["score"],
+        "loss": fitted.loss,
+        "target": fitted.target,
+        "classes": config.classes,
+        "preprocess": config.preprocess,
+        "input_size": config.input_size,
+        "thresholds": calib["chosen"]["thresholds"],
+        "costs": {"unit": calib["costs"]["unit"], "reach": calib["costs"]["reach"], "gates": calib["costs"]["gates"], "stages": config.costs["stages"]},
+        "calibration": {k: calib[k] for k in ("split", "num_samples", "target", "target_accuracy", "backbone_accuracy", "chosen", "sequential")},
+        "frontier": calib["frontier"],
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=_io.INCOMPLETE_SUFFIX, dir=out_dir.parent))
+    try:
+        _io.save_tensors(tmp / manifest.WEIGHTS, tensors, metadata={"format": "dgate", "schema_version": str(manifest.SCHEMA_VERSION)})
+        data["weights"]["sha256"] = _io.sha256_file(tmp / manifest.WEIGHTS)
+        manifest.validate(data)
+        _io.write_json(tmp / manifest.MANIFEST, data)
+        if out_dir.exists():
+            for name in (manifest.WEIGHTS, manifest.MANIFEST):
+                os.replace(tmp / name, out_dir / name)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(out_dir, data, (out_dir / manifest.WEIGHTS).stat().st_size)
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu", verify: bool = True, channels_last: bool = True) -> GatedModel:
+    """Load an exported gated model.
+
+    Args:
+        directory: a directory written by ``dgate export``.
+        device: where to put the model.
+        verify: check ``model.safetensors`` against the sha256 in the manifest (default).
+        channels_last: run convolutions in channels-last memory format.
+
+    Example:
+        >>> model = load("models/r56-gated")  # doctest: +SKIP
+        >>> out = model(images)  # doctest: +SKIP
+        >>> out.pred, out.exit  # doctest: +SKIP
+    """
+    from ._device import resolve_device
+
+    directory = Path(directory)
+    data = manifest.read(directory)
+    wpath = directory / data["weights"]["file"]
+    if not wpath.is_file():
+        raise ManifestError(f"{wpath} is missing; re-export the model with `dgate export`")
+    if verify and _io.sha256_file(wpath) != data["weights"]["sha256"]:
+        raise ManifestError(f"{wpath} does not match the sha256 in {manifest.MANIFEST} (modified or corrupted); re-export the model")
+    try:
+        tensors = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ManifestError(f"{wpath} is not a readable safetensors file ({exc}); re-export the model") from exc
+    backbone = build_backbone(data["model"]["spec"], model_kwargs=data["model"]["kwargs"], input_size=data["input_size"])
+    state = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    load_into(backbone.module, state, str(backbone.spec), str(wpath))
+    names = [g["name"] for g in data["gates"]]
+    cuts = backbone.graph.resolve(names)
+    if [c.name for c in cuts] != names:
+        raise ManifestError(f"{directory}: gates {names} do not resolve in execution order in {backbone.spec}; re-export the model")
+    stages = backbone.graph.split(cuts)
+    try:
+        weights = [tensors[f"gates.{i}.weight"] for i in range(len(names))]
+        biases = [tensors[f"gates.{i}.bias"] for i in range(len(names))]
+    except KeyError as exc:
+        raise ManifestError(f"{wpath} lacks {exc.args[0]}; re-export the model") from None
+    model = GatedModel(
+        backbone.module,
+        stages,
+        weights,
+        biases,
+        [g["layout"] for g in data["gates"]],
+        Pooling.from_dict(data["pooling"]),
+        data["thresholds"],
+        score=data["score"],
+        gate_names=names,
+        reach_costs=data["costs"]["reach"],
+        gate_costs=data["costs"]["gates"],
+        frontier=[OperatingPoint.from_dict(p) for p in data.get("frontier", [])],
+        channels_last=channels_last,
+        manifest=data,
+    )
+    dev = resolve_device(device)
+    model.to(dev)
+    if channels_last:
+        model.backbone.to(memory_format=torch.channels_last)
+    return model

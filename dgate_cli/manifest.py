@@ -1,0 +1,81 @@
+"""The gated-model manifest (``dgate.json``): schema version, permitted and required keys, validation.
+
+Readers reject an unknown major ``schema_version`` and a missing required key; they ignore keys
+they do not know (a newer minor writer may add some). Writers write only permitted keys (tested).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestError
+
+SCHEMA_VERSION = 1
+MANIFEST = "dgate.json"
+WEIGHTS = "model.safetensors"
+
+REQUIRED = {
+    "schema_version": int,
+    "dgate_version": str,
+    "model": dict,
+    "weights": dict,
+    "gates": list,
+    "pooling": dict,
+    "score": str,
+    "classes": list,
+    "preprocess": dict,
+    "input_size": int,
+    "thresholds": list,
+    "costs": dict,
+}
+OPTIONAL = {
+    "source_weights": (dict, type(None)),
+    "loss": str,
+    "target": str,
+    "channels_last_family": bool,
+    "calibration": dict,
+    "frontier": list,
+}
+PERMITTED = set(REQUIRED) | set(OPTIONAL)
+GATE_KEYS = {"name", "layout", "features", "cost"}
+
+
+def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
+    """Check a parsed manifest; return it, or raise :class:`ManifestError` naming the problem."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source} is not a JSON object; re-export the model with `dgate export`")
+    version = data.get("schema_version")
+    if not isinstance(version, int):
+        raise ManifestError(f"{source} has no integer schema_version; re-export the model with `dgate export`")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{source} has schema_version {version}, this dgate reads {SCHEMA_VERSION}; upgrade dgate or re-export the model"
+        )
+    for key, kind in REQUIRED.items():
+        if key not in data:
+            raise ManifestError(f"{source} lacks the required key '{key}'; re-export the model with `dgate export`")
+        if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
+            raise ManifestError(f"{source}: '{key}' must be {kind.__name__}, got {type(data[key]).__name__}; re-export the model")
+    for i, gate in enumerate(data["gates"]):
+        if not isinstance(gate, dict) or not GATE_KEYS <= set(gate):
+            raise ManifestError(f"{source}: gate {i} needs keys {sorted(GATE_KEYS)}; re-export the model")
+    if len(data["thresholds"]) != len(data["gates"]):
+        raise ManifestError(f"{source} has {len(data['thresholds'])} thresholds for {len(data['gates'])} gates; re-export the model")
+    for key in ("file", "sha256"):
+        if not isinstance(data["weights"].get(key), str):
+            raise ManifestError(f"{source}: weights.{key} is missing; re-export the model")
+    return data
+
+
+def read(directory: str | Path) -> dict[str, Any]:
+    """Read and validate ``DIR/dgate.json``."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{directory} has no {MANIFEST}; pass a directory written by `dgate export`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path} is corrupt ({exc}); re-export the model with `dgate export`") from exc
+    return validate(data, str(path))

@@ -1,0 +1,46 @@
+"""Shared fixtures: where the real data lives, and tiny data for fast tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DGATE_SHARED_DATA", REPO.parent / "shared" / "data"))
+CIFAR = SHARED / "cifar10-jpeg"
+CHECKPOINTS = SHARED / "checkpoints" / "cifar-resnet"
+R20 = CHECKPOINTS / "resnet20-12fca82f.th"
+R56 = CHECKPOINTS / "resnet56-4bfd9763.th"
+
+needs_shared = pytest.mark.skipif(
+    not (CIFAR.is_dir() and R20.is_file() and R56.is_file()),
+    reason=f"real data not found at {SHARED} (CIFAR-10 JPEG + CIFAR ResNet checkpoints); set DGATE_SHARED_DATA",
+)
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def write_image_folder(root: Path, classes: list[str], per_class: int, size: int = 32, seed: int = 0) -> Path:
+    """Write a tiny ImageFolder of random PNGs: root/<class>/<i>.png."""
+    g = torch.Generator().manual_seed(seed)
+    for c, name in enumerate(classes):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = torch.full((size, size, 3), (25 * c) % 200, dtype=torch.uint8)
+            noise = torch.randint(0, 60, (size, size, 3), generator=g, dtype=torch.uint8)
+            Image.fromarray((base + noise).numpy()).save(d / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    """An ImageFolder with 10 classes x 6 random 32x32 images."""
+    return write_image_folder(tmp_path / "imgs", [f"c{i}" for i in range(10)], 6)
