@@ -192,12 +192,16 @@ def make_loader(
     pin_memory: bool = False,
     start: int = 0,
     stop: int | None = None,
+    indices: Sequence[int] | None = None,
 ) -> DataLoader:
-    """A DataLoader over samples ``start:stop`` in order, yielding ``(uint8 images, labels, index)``."""
+    """A DataLoader over samples ``start:stop`` (or ``indices``) in order, yielding ``(uint8 images, labels, index)``."""
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     stop = len(dataset) if stop is None else stop
-    subset = dataset if (start, stop) == (0, len(dataset)) else Subset(dataset, range(start, stop))
+    if indices is not None:
+        subset: Dataset[Sample] = Subset(dataset, list(indices))
+    else:
+        subset = dataset if (start, stop) == (0, len(dataset)) else Subset(dataset, range(start, stop))
     workers = default_workers() if workers is None else workers
     return DataLoader(
         subset,
@@ -209,6 +213,18 @@ def make_loader(
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
     )
+
+
+def spread(n: int, k: int | None) -> list[int] | None:
+    """``k`` indices evenly spaced over ``range(n)`` (None: all), so a subset covers every class.
+
+    Example:
+        >>> spread(10, 3)
+        [0, 4, 9]
+    """
+    if k is None or k >= n:
+        return None
+    return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)}) if k > 1 else [0]
 
 
 def iterate(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

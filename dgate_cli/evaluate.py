@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ._device import describe, resolve_device
-from .data import iterate, make_loader, open_dataset
+from .data import iterate, make_loader, open_dataset, spread
 from .errors import DataError
 from .export import load
 from .preprocess import Preprocess
@@ -97,11 +97,12 @@ def evaluate(
         raise DataError(
             f"{data} has classes {ds.classes[:4]}... but the model was calibrated on {classes[:4]}...; pass images of the model's classes"
         )
-    n = len(ds) if limit is None else min(limit, len(ds))
+    subset = spread(len(ds), limit)
+    n = len(ds) if subset is None else len(subset)
     costs = torch.tensor(model.exit_costs(), dtype=torch.float64)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("index", "label", "pred", "exit", "backbone_pred")}
     done = 0
-    for images, labels, index in iterate(make_loader(ds, batch_size, workers, pin_memory=dev.type == "cuda", stop=n)):
+    for images, labels, index in iterate(make_loader(ds, batch_size, workers, pin_memory=dev.type == "cuda", indices=subset)):
         x = pre.normalize(images.to(dev, non_blocking=True))
         out = model(x)
         parts["backbone_pred"].append(model.backbone_forward(x).argmax(1).cpu())

@@ -45,10 +45,19 @@ def command(name: str, fn: Callable[..., Any]) -> None:
     app.command(name)(funnel(fn))
 
 
+from .calibrate import calibrate_command  # noqa: E402
+from .demo import demo_command  # noqa: E402
+from .export import evaluate_command, export_command  # noqa: E402
 from .extract import extract_command  # noqa: E402
+from .fit import fit_command  # noqa: E402
 from .stages import models_command, stages_command  # noqa: E402
 
+command("demo", demo_command)
 command("extract", extract_command)
+command("fit", fit_command)
+command("calibrate", calibrate_command)
+command("export", export_command)
+command("evaluate", evaluate_command)
 command("stages", stages_command)
 command("models", models_command)
 

@@ -143,6 +143,19 @@ register(Family("swin", (tvm.SwinTransformer,), _features_candidates, _pairs_def
 register(Family("vgg", (tvm.VGG,), _vgg_candidates, _vgg_defaults))
 register(Family("vit", (tvm.VisionTransformer,), _vit_candidates, _vit_defaults))
 
+
+def _demo_candidates(m: nn.Module) -> list[str]:
+    return [name for s in ("stage1", "stage2", "stage3") for name in _children(getattr(m, s), s)][:-1]
+
+
+def _register_demo() -> None:
+    from ..demo import DemoCNN
+
+    register(Family("demo_cnn", (DemoCNN,), _demo_candidates, _fixed(["stage1", "stage2"])))
+
+
+_register_demo()
+
 GENERIC = Family("generic", (nn.Module,), lambda m: [n for n, _ in m.named_children()][:-1], lambda m: [])
 
 

@@ -1,0 +1,91 @@
+"""``dgate calibrate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..calibrate import CalibrationResult, calibrate
+from ..flops import human
+from ..plot import plot_frontiers
+from . import _options as o
+from ._output import out, pct, print_json, warn
+
+
+def calibrate_command(
+    run_dir: o.RunDir,
+    target_acc: Annotated[float | None, typer.Option(help="Accuracy to reach on the calibration split, e.g. 0.93.", show_default=False)] = None,
+    max_drop: Annotated[
+        float | None, typer.Option(help="Or: the largest accuracy drop below the backbone's, e.g. 0.01 for one point.", show_default=False)
+    ] = None,
+    split: Annotated[str, typer.Option(help="Calibration split (never the one you report on).")] = "val",
+    score: Annotated[
+        str | None, typer.Option(help="Exit rule: max (largest distance), margin, softmax or entropy. Default: max for hinge gates, softmax for ce.", show_default=False)
+    ] = None,
+    gates: o.Gates = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw the accuracy/cost frontier to this PNG (needs matplotlib).", show_default=False)] = None,
+    json: o.Json = False,
+) -> None:
+    """Choose gate thresholds with the lowest mean cost that reach the target accuracy.
+
+    A sample leaves at the first gate whose score reaches its threshold. The cost of a sample is
+    the backbone's MACs up to where it leaves plus every gate it passed; the search is exact
+    one gate at a time and joint across gates (never worse than the paper's sequential rule).
+
+    Example: dgate calibrate runs/r56 --max-drop 0.01   or   dgate calibrate runs/r56 --target-acc 0.93
+    """
+    result = calibrate(run_dir, target_acc=target_acc, max_drop=max_drop, split=split, score=score, gates=o.split_list(gates))
+    if plot is not None:
+        plot_frontiers(
+            {f"d-gates ({result.score})": [(p.cost_ratio, p.accuracy) for p in result.frontier.points]},
+            plot,
+            title=f"{run_dir}: accuracy vs cost on {result.split}",
+            baseline=result.backbone_accuracy,
+            marks={"chosen": (result.chosen.cost_ratio, result.chosen.accuracy)},
+        )
+    if json:
+        print_json(result.to_dict())
+        return
+    for w in result.warnings:
+        warn(w)
+    render(result)
+    if plot is not None:
+        out.print(f"frontier plot: {plot}")
+
+
+def render(r: CalibrationResult) -> None:
+    exits = [*r.gates, "end"]
+    table = Table(title=f"accuracy / cost frontier on '{r.split}' ({r.num_samples:,} images, backbone {pct(r.backbone_accuracy)})", title_justify="left")
+    for col in ("accuracy", "vs backbone", f"mean {r.unit}", "cost ratio", "reduction", "exits " + " / ".join(exits)):
+        table.add_column(col, justify="right")
+    for p in r.frontier.points:
+        table.add_row(
+            pct(p.accuracy),
+            f"{100 * (p.accuracy - r.backbone_accuracy):+.2f} pt",
+            human(p.mean_cost),
+            f"{p.cost_ratio:.3f}",
+            pct(1 - p.cost_ratio, 1),
+            " / ".join(f"{100 * f:.0f}%" for f in p.exit_fractions),
+        )
+    out.print(table)
+    c = r.chosen
+    chosen = Table(title=f"chosen thresholds (target accuracy {pct(r.target_accuracy)})", title_justify="left")
+    for col in ("exit", "threshold", "exits here", f"cost here ({r.unit})"):
+        chosen.add_column(col, justify="left" if col == "exit" else "right")
+    spent = 0.0
+    for g, name in enumerate(r.gates):
+        t = c.thresholds[g]
+        if t != float("inf"):
+            spent += r.gate_costs[g]
+        chosen.add_row(name, "closed" if t == float("inf") else f"{t:.4f}", pct(c.exit_fractions[g], 1), human(r.reach_costs[g] + spent))
+    chosen.add_row("backbone", "-", pct(c.exit_fractions[-1], 1), human(r.backbone_cost + spent))
+    out.print(chosen)
+    out.print(
+        f"calibrated accuracy {pct(c.accuracy)} (backbone {pct(r.backbone_accuracy)}), mean cost {human(c.mean_cost)}{r.unit} "
+        f"= {c.cost_ratio:.3f} x backbone: predicted reduction [bold]{pct(1 - c.cost_ratio, 1)}[/] "
+        f"(paper's sequential thresholds: {pct(1 - r.sequential.cost_ratio, 1)})"
+    )
+    out.print(f"next: dgate export {r.run_dir} --out DIR")

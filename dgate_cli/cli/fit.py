@@ -1,0 +1,52 @@
+"""``dgate fit``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..fit import fit
+from ..gates import DEFAULT_C_GRID
+from . import _options as o
+from ._output import note, out, pct, print_json, progress
+
+
+def fit_command(
+    run_dir: o.RunDir,
+    loss: Annotated[str, typer.Option(help="hinge: one-vs-all squared hinge (the d-gate, signed distances); ce: softmax cross-entropy.")] = "hinge",
+    C: Annotated[
+        float | None, typer.Option("--C", "-C", help="Inverse regularisation strength; default: chosen per gate on a held-out part of train.", show_default=False)
+    ] = None,
+    target: Annotated[str, typer.Option(help="Fit gates to the 'label' (the paper) or to the 'backbone' prediction.")] = "label",
+    holdout: Annotated[float, typer.Option(help="Fraction of train held out to choose C.")] = 0.1,
+    device: Annotated[str, typer.Option("--device", "-d", help="Where to solve: cpu, cuda, auto.")] = "cpu",
+    max_iter: Annotated[int, typer.Option(help="L-BFGS iterations at most per fit.", min=1)] = 500,
+    json: o.Json = False,
+) -> None:
+    """Fit one linear gate per cached position on the train split (backbone frozen).
+
+    Each gate is one linear layer on the pooled stage features. With --loss hinge it is K one-vs-all
+    linear SVMs (squared hinge, L2), so its outputs are signed distances to each class boundary.
+    Features are standardised; the standardisation is folded into the weights.
+
+    Example: dgate fit runs/r56
+    """
+    grid = ", ".join(f"{c:g}" for c in DEFAULT_C_GRID)
+    with progress(enabled=not json, unit="gates") as bar:
+        result = fit(run_dir, loss=loss, C=C, target=target, holdout=holdout, device=device, max_iter=max_iter, progress=bar)
+    if json:
+        print_json(result.to_dict())
+        return
+    for n in result.notes:
+        note(n)
+    table = Table(title=f"dgate fit: {result.loss} gates on {run_dir} (targets: {result.target})", title_justify="left")
+    for col in ("gate", "features", "C", "train acc", "val acc", "agrees w/ backbone", "fit time"):
+        table.add_column(col, justify="left" if col == "gate" else "right")
+    for g in result.gates:
+        table.add_row(g.gate, str(g.features), f"{g.C:g}", pct(g.train_accuracy), pct(g.val_accuracy), pct(g.agreement), f"{g.seconds:.1f} s")
+    out.print(table)
+    if C is None:
+        out.print(f"C chosen per gate from {{{grid}}} by accuracy on {holdout:.0%} of train held out")
+    out.print(f"next: dgate calibrate {run_dir} --max-drop 0.01")
