@@ -29,6 +29,7 @@ FAMILY_REPS: dict[str, tuple[str, dict, int]] = {
     "swin": ("swin_t", {}, 64),
     "vgg": ("vgg11", {"num_classes": 10}, 64),
     "vit": ("vit_b_16", {"image_size": 32, "num_classes": 10}, 32),
+    "demo_cnn": ("demo_cnn", {}, 32),
 }
 # Families with more than one module type get an extra representative for the other types.
 EXTRA_REPS: dict[str, tuple[str, dict, int]] = {"mobilenet_v2": ("mobilenet", {}, 64)}
