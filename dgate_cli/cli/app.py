@@ -45,6 +45,7 @@ def command(name: str, fn: Callable[..., Any]) -> None:
     app.command(name)(funnel(fn))
 
 
+from .bench import bench_command  # noqa: E402
 from .calibrate import calibrate_command  # noqa: E402
 from .demo import demo_command  # noqa: E402
 from .export import evaluate_command, export_command  # noqa: E402
@@ -58,6 +59,7 @@ command("fit", fit_command)
 command("calibrate", calibrate_command)
 command("export", export_command)
 command("evaluate", evaluate_command)
+command("bench", bench_command)
 command("stages", stages_command)
 command("models", models_command)
 

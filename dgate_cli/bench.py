@@ -1,0 +1,178 @@
+"""``dgate bench``: measured speed of a gated model against its own backbone, on the same images.
+
+Both run on the same pre-loaded, normalised batches, interleaved batch by batch (gated and backbone
+alternate, and which goes first alternates too), after warm-up, with device synchronisation around
+every timed call. The ideal speed-up is what the FLOPs promise: backbone MACs / gated mean MACs on
+the images seen (gates included).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ._device import describe, sync
+from .runtime import GatedModel
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """Timing of one batch size.
+
+    Attributes:
+        backbone_ms, gated_ms: median latency per batch.
+        backbone_p95_ms, gated_p95_ms: 95th percentile latency per batch.
+        speedup: backbone time / gated time, over all timed batches.
+        ideal_speedup: backbone MACs / gated mean MACs on these images (gates included).
+        efficiency: speedup / ideal_speedup.
+    """
+
+    batch_size: int
+    batches: int
+    images: int
+    backbone_ms: float
+    gated_ms: float
+    backbone_p95_ms: float
+    gated_p95_ms: float
+    backbone_images_per_s: float
+    gated_images_per_s: float
+    speedup: float
+    ideal_speedup: float
+    efficiency: float
+    flops_ratio: float
+    exit_fractions: list[float]
+    accuracy: float | None
+    backbone_accuracy: float | None
+
+
+@dataclass
+class BenchResult:
+    device: str
+    machine: str
+    torch_version: str
+    thresholds: list[float]
+    exit_names: list[str]
+    rows: list[BenchRow] = field(default_factory=list)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        meta = {"device": self.device, "machine": self.machine, "torch": self.torch_version}
+        return [{**asdict(r), **meta} for r in self.rows]
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))
+    return s[k]
+
+
+def bench(
+    model: GatedModel,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    batch_sizes: Sequence[int] = (1, 32),
+    warmup: int = 3,
+    min_batches: int = 5,
+    progress: ProgressFn | None = None,
+) -> BenchResult:
+    """Time ``model`` and its backbone on normalised ``images`` (already on the model's device).
+
+    Args:
+        model: a gated model (its thresholds as set).
+        images: ``(N, C, H, W)`` inputs.
+        labels: ``(N,)`` labels, for accuracy (optional).
+        batch_sizes: batch sizes to time; each uses every whole batch of ``images`` (at least
+            ``min_batches``, cycling through the images if there are too few).
+        warmup: untimed batches per model and batch size first.
+
+    Example:
+        >>> r = bench(load("models/r56-gated"), x, y, batch_sizes=[1, 32])  # doctest: +SKIP
+        >>> r.rows[0].speedup, r.rows[0].ideal_speedup  # doctest: +SKIP
+    """
+    device = images.device
+    model.eval()
+    costs = torch.tensor(model.exit_costs(), dtype=torch.float64)
+    backbone_cost = float(model.reach_costs[-1])  # type: ignore[index]
+    result = BenchResult(describe(device), _machine(device), torch.__version__, list(model.thresholds), [*model.gate_names, "backbone"])
+    n = images.shape[0]
+    for b in batch_sizes:
+        nb = max(min_batches, n // b)
+        starts = [(i * b) % max(1, n - b + 1) for i in range(nb)] if n >= b else [0] * nb
+        batches = [images[s : s + b] if n >= b else images.repeat(math.ceil(b / n), 1, 1, 1)[:b] for s in starts]
+        with torch.inference_mode():
+            for i in range(warmup):
+                model(batches[i % nb])
+                model.backbone_forward(batches[i % nb])
+            sync(device)
+            t_bb: list[float] = []
+            t_g: list[float] = []
+            exits = []
+            for i, x in enumerate(batches):
+                order = (("g", "b") if i % 2 == 0 else ("b", "g"))
+                for which in order:
+                    sync(device)
+                    t0 = time.perf_counter()
+                    if which == "g":
+                        out = model(x)
+                    else:
+                        model.backbone_forward(x)
+                    sync(device)
+                    (t_g if which == "g" else t_bb).append(time.perf_counter() - t0)
+                exits.append(out.exit.cpu())
+                if progress:
+                    progress(f"batch size {b}", i + 1, nb)
+        e = torch.cat(exits)
+        counts = torch.bincount(e, minlength=model.num_gates + 1)
+        mean_cost = float(costs[e].mean())
+        acc = bb_acc = None
+        if labels is not None:
+            acc, bb_acc = _accuracy(model, images, labels, b)
+        speedup = sum(t_bb) / sum(t_g)
+        ideal = backbone_cost / mean_cost
+        imgs = nb * b
+        result.rows.append(
+            BenchRow(
+                batch_size=b,
+                batches=nb,
+                images=imgs,
+                backbone_ms=1e3 * statistics.median(t_bb),
+                gated_ms=1e3 * statistics.median(t_g),
+                backbone_p95_ms=1e3 * _pct(t_bb, 0.95),
+                gated_p95_ms=1e3 * _pct(t_g, 0.95),
+                backbone_images_per_s=imgs / sum(t_bb),
+                gated_images_per_s=imgs / sum(t_g),
+                speedup=speedup,
+                ideal_speedup=ideal,
+                efficiency=speedup / ideal,
+                flops_ratio=mean_cost / backbone_cost,
+                exit_fractions=(counts.double() / e.numel()).tolist(),
+                accuracy=acc,
+                backbone_accuracy=bb_acc,
+            )
+        )
+    return result
+
+
+def _accuracy(model: GatedModel, images: torch.Tensor, labels: torch.Tensor, b: int) -> tuple[float, float]:
+    correct = correct_bb = 0
+    with torch.inference_mode():
+        for s in range(0, images.shape[0], max(b, 64)):
+            x = images[s : s + max(b, 64)]
+            y = labels[s : s + max(b, 64)].to(x.device)
+            correct += int((model(x).pred == y).sum())
+            correct_bb += int((model.backbone_forward(x).argmax(1) == y).sum())
+    n = images.shape[0]
+    return correct / n, correct_bb / n
+
+
+def _machine(device: torch.device) -> str:
+    import platform
+
+    return f"{platform.node()} {platform.machine()}, {describe(torch.device('cpu'))}"

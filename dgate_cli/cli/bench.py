@@ -1,0 +1,81 @@
+"""``dgate bench``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+
+from .._device import resolve_device
+from ..bench import bench
+from ..data import iterate, make_loader, open_dataset, spread
+from ..export import load
+from ..preprocess import Preprocess
+from . import _options as o
+from ._output import fail, out, pct, print_json, progress
+
+
+def bench_command(
+    model_dir: Annotated[Path, typer.Argument(help="A directory written by `dgate export`.", show_default=False)],
+    data: o.Data,
+    device: o.Device = "auto",
+    batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="Comma-separated batch sizes to time.")] = "1,32",
+    images: Annotated[int, typer.Option(help="Images to time on, evenly spaced over the data.", min=1)] = 512,
+    max_drop: Annotated[
+        float | None, typer.Option(help="Switch to the stored operating point within this accuracy drop first.", show_default=False)
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).", min=1, show_default=False)] = None,
+    json: o.Json = False,
+) -> None:
+    """Time the gated model against its own backbone (same weights, no gates) on the same real images.
+
+    Interleaved batch by batch after warm-up, synchronised on CUDA. Reports latency p50/p95 per
+    batch, images/s, exit fractions, the measured speed-up and the ideal one the FLOPs promise.
+
+    Example: dgate bench models/r56-gated --data cifar10-jpeg/test --batch-size 1,32
+    """
+    try:
+        sizes = [int(s) for s in batch_size.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--batch-size must be comma-separated integers like 1,32,256, got '{batch_size}'")
+    if not sizes or min(sizes) < 1:
+        fail(f"--batch-size must be positive integers, got '{batch_size}'")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    model = load(model_dir, device=dev)
+    if max_drop is not None:
+        model.use_operating_point(max_drop=max_drop)
+    pre = Preprocess.from_dict(model.manifest["preprocess"])
+    ds = open_dataset(data, pre)
+    xs, ys = [], []
+    for x, y, _ in iterate(make_loader(ds, 256, indices=spread(len(ds), images))):
+        xs.append(x)
+        ys.append(y)
+    x = pre.normalize(torch.cat(xs).to(dev))
+    y = torch.cat(ys)
+    with progress(enabled=not json, unit="batches") as bar:
+        result = bench(model, x, y, batch_sizes=sizes, progress=bar)
+    if json:
+        print_json(result.to_list())
+        return
+    table = Table(title=f"dgate bench: {model_dir}, {x.shape[0]} images of {data}", title_justify="left")
+    for col in ("batch", "backbone ms", "gated ms", "speed-up", "ideal", "of ideal", "exits", "accuracy"):
+        table.add_column(col, justify="right")
+    for r in result.rows:
+        table.add_row(
+            str(r.batch_size),
+            f"{r.backbone_ms:.2f} ({r.backbone_p95_ms:.2f})",
+            f"{r.gated_ms:.2f} ({r.gated_p95_ms:.2f})",
+            f"[bold]{r.speedup:.2f}x[/]",
+            f"{r.ideal_speedup:.2f}x",
+            pct(r.efficiency, 0),
+            "/".join(f"{100 * f:.0f}" for f in r.exit_fractions) + "%",
+            f"{pct(r.accuracy, 1)} ({pct(r.backbone_accuracy, 1)})",
+        )
+    out.print(table)
+    out.print("ms: median (p95) per batch; exits: " + " / ".join(result.exit_names) + "; accuracy: gated (backbone)")
+    out.print(f"device: {result.device}; thresholds: {', '.join(f'{t:.4g}' for t in result.thresholds)}")

@@ -1,0 +1,480 @@
+"""The ``dgate`` command line: help, --json output, the one-line error funnel, argument wiring."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from dgate_cli import demo
+from dgate_cli.cli.app import app
+from dgate_cli.data import open_dataset
+from dgate_cli.errors import DgateError, MissingFileError
+from dgate_cli.fit import FitResult
+from dgate_cli.models import build_backbone, cifar_resnet
+
+# COLUMNS: rich must not wrap long lines; DGATE_DEBUG unset so errors go through the funnel.
+ENV = {"COLUMNS": "400", "DGATE_DEBUG": None}
+
+
+def invoke(*args: object, env: dict | None = None):
+    return CliRunner().invoke(app, [str(a) for a in args], env={**ENV, **(env or {})})
+
+
+def one_line_error(result) -> str:
+    """Assert the command failed through the funnel and return its one-line message."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    err = result.stderr.strip()
+    assert err.startswith("error:"), err
+    assert "\n" not in err, f"error is not one line: {err!r}"
+    assert result.stdout == "", result.stdout
+    return err
+
+
+def no_partial_files(run_dir: Path) -> None:
+    """Nothing of a run was written: no run.json, no shards, no temporary files."""
+    if not run_dir.exists():
+        return
+    files = [p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*")]
+    assert not (run_dir / "run.json").exists(), files
+    assert not list(run_dir.rglob("*.safetensors")), files
+    assert not list(run_dir.rglob("*.incomplete")), files
+    assert not list(run_dir.rglob("index.json")), files
+
+
+# -- shared setup ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and far faster while another process loads the CPU."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)  # module fixtures run before the function-scoped thread setting
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def data(base: Path) -> dict[str, Path]:
+    return demo.write_dataset(base / "data", {"train": 120, "val": 80}, seed=3)
+
+
+@pytest.fixture(scope="module")
+def weights(base: Path) -> Path:
+    """A fixed random-init demo CNN (fixed, so that the test can run the very same model)."""
+    torch.manual_seed(0)
+    path = base / "demo_random.safetensors"
+    save_file(demo.demo_cnn().state_dict(), str(path))
+    return path
+
+
+def extract_args(run_dir: Path, data: dict[str, Path], weights: Path, *extra: object) -> list[object]:
+    return [
+        "extract", run_dir, "--model", "demo_cnn", "--weights", weights, "--train", data["train"], "--val", data["val"],
+        "--workers", "0", "--batch-size", "64", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def extracted(base: Path, data: dict[str, Path], weights: Path):
+    run = base / "extracted"
+    result = invoke(*extract_args(run, data, weights, "--json"))
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    return run, result
+
+
+@pytest.fixture(scope="module")
+def fitted(base: Path, extracted) -> Path:
+    run = base / "fitted"
+    shutil.copytree(extracted[0], run)
+    result = invoke("fit", run, "--C", "0.1", "--json")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert (run / "gates.safetensors").is_file() and (run / "gates.json").is_file()
+    return run
+
+
+@pytest.fixture(scope="module")
+def calibrated(base: Path, fitted: Path) -> Path:
+    run = base / "calibrated"
+    shutil.copytree(fitted, run)
+    result = invoke("calibrate", run, "--max-drop", "0.05", "--json")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert (run / "calibration.json").is_file()
+    return run
+
+
+# -- help --------------------------------------------------------------------------------------------
+
+
+def test_app_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0, result.stderr
+    for name in ("extract", "fit", "calibrate", "export", "evaluate", "stages", "models", "demo"):
+        assert name in result.stdout, name
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        (
+            "extract",
+            [
+                "--model",
+                "--weights",
+                "--model-kwargs",
+                "--train",
+                "--val",
+                "--test",
+                "--gates",
+                "--pool",
+                "--json",
+                "--overwrite",
+            ],
+        ),
+        ("fit", ["--loss", "--C", "--target", "--holdout", "--json"]),
+        ("calibrate", ["--max-drop", "--target-acc", "--split", "--score", "--gates", "--json"]),
+        ("export", ["--out", "--overwrite", "--json"]),
+        ("evaluate", ["--data", "--batch-size", "--limit", "--json"]),
+        ("stages", ["--all", "--json", "--weights"]),
+        ("models", []),
+        ("demo", ["--epochs", "--max-drop", "--json"]),
+    ],
+)
+def test_subcommand_help_mentions_its_options(command: str, options: list[str]):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0, result.stderr
+    assert "Usage" in result.stdout
+    for opt in options:
+        assert opt in result.stdout, f"{command} --help does not mention {opt}"
+
+
+# -- extract --json ----------------------------------------------------------------------------------
+
+
+def test_extract_json_reports_sizes_and_the_backbone_accuracy(extracted, data, weights):
+    run, result = extracted
+    out = json.loads(result.stdout)  # exactly one JSON object, nothing else on stdout
+    assert isinstance(out, dict)
+    assert set(out["splits"]) == {"train", "val"}
+    bb = build_backbone("demo_cnn", weights=str(weights))
+    for split, folder in data.items():
+        ds = open_dataset(str(folder), bb.preprocess)
+        images = torch.stack([ds[i][0] for i in range(len(ds))])
+        labels = torch.tensor(ds.labels)
+        with torch.inference_mode():
+            pred = bb.module(bb.preprocess.normalize(images)).argmax(1)
+        assert pred.unique().numel() > 1, "precondition: the model's predictions vary"
+        expected = int((pred == labels).sum()) / len(ds)
+        n_files = sum(1 for _ in folder.rglob("*.png"))
+        s = out["splits"][split]
+        assert s["images"] == len(ds) == n_files
+        assert s["backbone_accuracy"] == pytest.approx(expected, abs=1e-12)
+        assert s["reused"] is False
+    assert out["gates"] == ["stage1", "stage2"]
+    assert json.loads((run / "run.json").read_text())["model"]["spec"] == "demo_cnn"
+
+
+def test_extract_without_json_prints_a_table_not_json(base, extracted, data, weights):
+    run = base / "table"
+    shutil.copytree(extracted[0], run)
+    result = invoke(*extract_args(run, data, weights))
+    assert result.exit_code == 0, result.stderr
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(result.stdout)
+    assert "reused" in result.stdout and "next: dgate fit" in result.stdout
+
+
+# -- bad input: one line on stderr, exit 2, nothing half-written -------------------------------------
+
+
+def test_missing_data_dir(tmp_path, data, weights):
+    run = tmp_path / "run"
+    err = one_line_error(invoke(*extract_args(run, {"train": tmp_path / "nope", "val": data["val"]}, weights)))
+    assert "nope" in err and "does not exist" in err
+    no_partial_files(run)
+
+
+def test_folder_without_images(tmp_path, data, weights):
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    (empty / "b").mkdir()
+    (empty / "b" / "notes.txt").write_text("not an image")
+    run = tmp_path / "run"
+    err = one_line_error(invoke(*extract_args(run, {"train": data["train"], "val": empty}, weights)))
+    assert "no images" in err and str(empty) in err
+    no_partial_files(run)
+
+
+def test_unknown_model(tmp_path, data):
+    run = tmp_path / "run"
+    err = one_line_error(
+        invoke(
+            "extract",
+            run,
+            "--model",
+            "resnet_nonexistent",
+            "--train",
+            data["train"],
+            "--val",
+            data["val"],
+            "--workers",
+            "0",
+        )
+    )
+    assert "resnet_nonexistent" in err and "dgate models" in err
+    no_partial_files(run)
+
+
+def test_checkpoint_of_another_architecture(tmp_path, data):
+    ckpt = tmp_path / "r20.pt"
+    torch.save(cifar_resnet(20).state_dict(), ckpt)
+    run = tmp_path / "run"
+    err = one_line_error(
+        invoke(
+            "extract",
+            run,
+            "--model",
+            "cifar_resnet32",
+            "--weights",
+            ckpt,
+            "--train",
+            data["train"],
+            "--val",
+            data["val"],
+            "--workers",
+            "0",
+        )
+    )
+    assert "missing" in err and "layer1.3" in err, err
+    assert "cifar_resnet32" in err
+    no_partial_files(run)
+
+
+def test_gate_that_is_not_a_module(tmp_path, data, weights):
+    run = tmp_path / "run"
+    err = one_line_error(invoke(*extract_args(run, data, weights, "--gates", "stage1,stage9")))
+    assert "stage9" in err and "dgate stages" in err
+    no_partial_files(run)
+
+
+def test_bad_model_kwargs_json(tmp_path, data, weights):
+    run = tmp_path / "run"
+    err = one_line_error(invoke(*extract_args(run, data, weights, "--model-kwargs", "{num_classes: 10")))
+    assert "--model-kwargs" in err and "JSON" in err
+    no_partial_files(run)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_device_without_cuda(tmp_path, data, weights):
+    run = tmp_path / "run"
+    err = one_line_error(invoke(*extract_args(run, data, weights, "--device", "cuda")))
+    assert "cuda" in err and "--device cpu" in err
+    no_partial_files(run)
+
+
+def test_extract_without_val_is_refused(tmp_path, data, weights):
+    run = tmp_path / "run"
+    err = one_line_error(invoke("extract", run, "--model", "demo_cnn", "--weights", weights, "--train", data["train"]))
+    assert "--val" in err
+    no_partial_files(run)
+
+
+def test_run_dir_of_another_model_is_left_alone(tmp_path, data):
+    run = tmp_path / "run"
+    first = invoke(
+        "extract",
+        run,
+        "--model",
+        "cifar_resnet20",
+        "--train",
+        data["train"],
+        "--val",
+        data["val"],
+        "--workers",
+        "0",
+        "--json",
+    )
+    assert first.exit_code == 0, first.stderr
+    before = (run / "run.json").read_bytes()
+    shards = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+    assert shards
+    err = one_line_error(
+        invoke("extract", run, "--model", "demo_cnn", "--train", data["train"], "--val", data["val"], "--workers", "0")
+    )
+    assert "cifar_resnet20" in err and "--overwrite" in err
+    assert (run / "run.json").read_bytes() == before
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == shards
+    assert not list(run.rglob("*.incomplete"))
+
+
+def test_calibrate_before_fit(base, extracted):
+    run = extracted[0]
+    err = one_line_error(invoke("calibrate", run, "--max-drop", "0.01"))
+    assert "dgate fit" in err
+    assert not (run / "calibration.json").exists()
+
+
+def test_calibrate_to_an_unreachable_accuracy(tmp_path, fitted):
+    run = tmp_path / "run"
+    shutil.copytree(fitted, run)
+    err = one_line_error(invoke("calibrate", run, "--target-acc", "1.0"))
+    assert "best reachable" in err and "backbone" in err
+    assert not (run / "calibration.json").exists()
+
+
+def test_calibrate_with_both_targets(fitted):
+    err = one_line_error(invoke("calibrate", fitted, "--target-acc", "0.9", "--max-drop", "0.01"))
+    assert "--target-acc" in err and "--max-drop" in err
+    assert not (fitted / "calibration.json").exists()
+
+
+def test_evaluate_a_directory_that_is_not_an_export(tmp_path, data):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "something.txt").write_text("x")
+    err = one_line_error(invoke("evaluate", tmp_path / "model", "--data", data["val"], "--workers", "0"))
+    assert "dgate.json" in err and "dgate export" in err
+
+
+def test_export_into_an_existing_foreign_directory(tmp_path, calibrated):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    err = one_line_error(invoke("export", calibrated, "--out", out))
+    assert str(out) in err and "not a dgate export" in err
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+    assert (out / "thesis.tex").read_text() == "precious"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".incomplete")]
+
+
+def test_export_before_calibrate_writes_nothing(tmp_path, fitted):
+    out = tmp_path / "model"
+    err = one_line_error(invoke("export", fitted, "--out", out))
+    assert "dgate calibrate" in err
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_then_evaluate_through_the_cli(tmp_path, calibrated, data):
+    out = tmp_path / "model"
+    result = invoke("export", calibrated, "--out", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["out_dir"] == str(out)
+    result = invoke("evaluate", out, "--data", data["val"], "--workers", "0", "--batch-size", "32", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    cal = json.loads((calibrated / "calibration.json").read_text())
+    assert report["images"] == 80
+    assert report["accuracy"] == pytest.approx(cal["chosen"]["accuracy"], abs=1e-12)
+    assert report["backbone_accuracy"] == pytest.approx(cal["backbone_accuracy"], abs=1e-12)
+
+
+def test_os_errors_go_through_the_funnel(tmp_path, data, weights):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    err = one_line_error(invoke(*extract_args(blocker / "run", data, weights)))
+    assert "a_file" in err and "directory" in err.lower()
+    assert blocker.read_text() == "not a directory"
+
+
+def test_interrupt_exits_130_and_says_how_to_resume(monkeypatch, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dgate_cli.cli.fit.fit", interrupted)
+    result = invoke("fit", tmp_path / "run")
+    assert result.exit_code == 130
+    assert "interrupted" in result.stderr and "resume" in result.stderr
+    assert result.stdout == ""
+
+
+def test_debug_env_raises_instead_of_the_one_line_message(tmp_path, data, weights):
+    run = tmp_path / "run"
+    result = invoke(
+        *extract_args(run, {"train": tmp_path / "nope", "val": data["val"]}, weights), env={"DGATE_DEBUG": "1"}
+    )
+    assert result.exit_code != 2
+    assert isinstance(result.exception, DgateError)
+    assert isinstance(result.exception, MissingFileError)
+    assert "error:" not in result.stderr
+
+
+# -- stages ------------------------------------------------------------------------------------------
+
+
+def test_stages_json():
+    result = invoke("stages", "cifar_resnet20", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    rows = report["rows"]
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["layer1"]["default"] is True
+    assert by_name["layer2"]["default"] is True
+    assert [r["name"] for r in rows if r["default"]] == ["layer1", "layer2"]
+    cum = [r["cumulative_macs"] for r in rows]
+    assert all(b > a for a, b in zip(cum[:-1], cum[1:], strict=True)), cum
+    assert 0 < rows[-1]["fraction"] < 1
+    assert rows[-1]["cumulative_macs"] < report["total_macs"]
+
+
+# -- calibrate warnings ------------------------------------------------------------------------------
+
+
+def test_calibrating_on_the_fitting_split_warns(tmp_path, fitted):
+    run = tmp_path / "run"
+    shutil.copytree(fitted, run)
+    on_train = invoke("calibrate", run, "--max-drop", "0.05", "--split", "train")
+    assert on_train.exit_code == 0, on_train.stderr
+    assert "warning:" in on_train.stderr and "train" in on_train.stderr and "held-out" in on_train.stderr
+    assert "warning:" not in on_train.stdout
+    on_val = invoke("calibrate", run, "--max-drop", "0.05", "--split", "val")
+    assert on_val.exit_code == 0, on_val.stderr
+    assert "warning:" not in on_val.stderr
+
+
+# -- argument wiring: the CLI passes options to the library unchanged --------------------------------
+
+
+def test_fit_passes_its_options(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_fit(*args, **kwargs):
+        calls.append((args, kwargs))
+        return FitResult(Path(args[0]), kwargs["loss"], kwargs["target"], [], 0.0, "cpu")
+
+    monkeypatch.setattr("dgate_cli.cli.fit.fit", fake_fit)
+    result = invoke("fit", tmp_path / "run", "--loss", "ce", "--C", "0.5", "--target", "backbone")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert len(calls) == 1
+    args, kwargs = calls[0]
+    assert args == (tmp_path / "run",)
+    progress = kwargs.pop("progress")
+    assert callable(progress)
+    assert kwargs == {"loss": "ce", "C": 0.5, "target": "backbone", "holdout": 0.1, "device": "cpu", "max_iter": 500}
+
+
+def test_calibrate_passes_its_options(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_calibrate(*args, **kwargs):
+        calls.append((args, kwargs))
+        return SimpleNamespace(to_dict=lambda: {"fake": True}, warnings=[])
+
+    monkeypatch.setattr("dgate_cli.cli.calibrate.calibrate", fake_calibrate)
+    result = invoke("calibrate", tmp_path / "run", "--target-acc", "0.93", "--gates", "a,b", "--json")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert json.loads(result.stdout) == {"fake": True}
+    assert calls == [
+        (
+            (tmp_path / "run",),
+            {"target_acc": 0.93, "max_drop": None, "split": "val", "score": None, "gates": ["a", "b"]},
+        )
+    ]

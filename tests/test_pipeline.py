@@ -1,0 +1,465 @@
+"""End to end on a tiny trained demo CNN: extract -> fit -> calibrate -> export -> load -> evaluate.
+
+The central invariant: the exported model, run on real images, exits and predicts exactly as the
+calibration predicted from the feature cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import dgate_cli
+from dgate_cli import cache, demo, manifest
+from dgate_cli.calibrate import CalibrationResult, calibrate, outcomes
+from dgate_cli.data import open_dataset
+from dgate_cli.errors import CacheMismatchError, ManifestError
+from dgate_cli.evaluate import EvaluateResult, evaluate
+from dgate_cli.export import export
+from dgate_cli.extract import ExtractResult, extract
+from dgate_cli.fit import fit, read_gates
+from dgate_cli.preprocess import Preprocess
+from dgate_cli.runtime import GatedModel
+from dgate_cli.thresholds import GateOutcomes
+
+SIZES = {"train": 1500, "val": 500, "test": 300}
+MAX_DROP = 0.02
+
+# written out literally on purpose: a change to the manifest's top level must be a deliberate one
+MANIFEST_KEYS = [
+    "calibration",
+    "classes",
+    "costs",
+    "dgate_version",
+    "frontier",
+    "gates",
+    "input_size",
+    "loss",
+    "model",
+    "pooling",
+    "preprocess",
+    "schema_version",
+    "score",
+    "source_weights",
+    "target",
+    "thresholds",
+    "weights",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and far faster while another process loads the CPU."""
+    torch.set_num_threads(1)
+
+
+@dataclass
+class Pipeline:
+    data: dict[str, Path]
+    weights: Path
+    run: Path
+    export_dir: Path
+    extracted: ExtractResult
+    calibration: CalibrationResult
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    torch.set_num_threads(1)  # module fixtures run before the function-scoped thread setting
+    base = tmp_path_factory.mktemp("pipeline")
+    data = demo.write_dataset(base / "data", SIZES, seed=0)
+    x, y, _ = demo.make_images(SIZES["train"], seed=0)  # the same images as data/train
+    weights = base / "demo_cnn.safetensors"
+    demo.train(x, y, weights, epochs=4, batch_size=64)
+    run = base / "run"
+    ex = extract(
+        run,
+        "demo_cnn",
+        {k: str(v) for k, v in data.items()},
+        weights=str(weights),
+        device="cpu",
+        batch_size=128,
+        workers=0,
+    )
+    fit(run)
+    cal = calibrate(run, max_drop=MAX_DROP)
+    export(run, base / "model")
+    return Pipeline(data, weights, run, base / "model", ex, cal)
+
+
+@pytest.fixture(scope="module")
+def val_eval(pipe: Pipeline) -> EvaluateResult:
+    return evaluate(pipe.export_dir, str(pipe.data["val"]), device="cpu", batch_size=100, workers=0)
+
+
+@pytest.fixture(scope="module")
+def val_images(pipe: Pipeline) -> tuple[torch.Tensor, torch.Tensor]:
+    """All val images, normalised as the model expects, and their labels (sample order)."""
+    model = dgate_cli.load(pipe.export_dir)
+    pre = Preprocess.from_dict(model.manifest["preprocess"])
+    ds = open_dataset(str(pipe.data["val"]), pre)
+    x = pre.normalize(torch.stack([ds[i][0] for i in range(len(ds))]))
+    return x, torch.tensor(ds.labels)
+
+
+@pytest.fixture(scope="module")
+def cached(pipe: Pipeline) -> tuple[GateOutcomes, torch.Tensor, torch.Tensor]:
+    """Calibration's view of the val split: outcomes, (N, G) gate predictions, backbone predictions."""
+    config = cache.read_run(pipe.run)
+    val = cache.load_split(pipe.run, "val")
+    oc, pred = outcomes(config, read_gates(pipe.run), val, pipe.calibration.gates, pipe.calibration.score)
+    return oc, pred, val.logits.argmax(1)
+
+
+def predicted(cached, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pred, exit) per val sample that the cache predicts for ``thresholds``."""
+    oc, pred, backbone = cached
+    e = oc.exits(thresholds)
+    G = oc.num_gates
+    at_gate = pred.gather(1, e.clamp(max=G - 1)[:, None]).squeeze(1)
+    return torch.where(e < G, at_gate, backbone), e
+
+
+def mixed_thresholds(oc: GateOutcomes, quantiles=(0.7, 0.5)) -> list[float]:
+    """Thresholds midway between two cached scores, so that a share of samples leave at each gate."""
+    out = []
+    for g in range(oc.num_gates):
+        s = oc.scores[:, g].double().sort().values
+        i = int(quantiles[g % len(quantiles)] * (len(s) - 1))
+        while i + 1 < len(s) and s[i + 1] == s[i]:
+            i += 1
+        out.append(float((s[i] + s[i + 1]) / 2))
+    return out
+
+
+def copy_export(pipe: Pipeline, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(pipe.export_dir, tmp_path / "model"))
+
+
+# -- calibration and the invariant -------------------------------------------------------------------
+
+
+def test_the_pipeline_calibrates_to_its_target(pipe: Pipeline):
+    cal = pipe.calibration
+    assert cal.gates == ["stage1", "stage2"]
+    assert cal.target_accuracy == pytest.approx(cal.backbone_accuracy - MAX_DROP)
+    assert cal.chosen.accuracy >= cal.target_accuracy
+    assert cal.backbone_accuracy == pipe.extracted.splits["val"].backbone_accuracy
+    assert cal.backbone_accuracy > 0.3, "the demo CNN did not learn; the test data is not meaningful"
+    assert cal.chosen.cost_ratio < 1.0, "the gates save nothing: they carry no signal"
+    assert sum(cal.chosen.exit_fractions) == pytest.approx(1.0)
+
+
+def test_exported_model_does_exactly_what_calibration_predicted(pipe: Pipeline, val_eval: EvaluateResult, cached):
+    cal = pipe.calibration
+    order = torch.argsort(val_eval.samples["index"])
+    got_pred, got_exit = val_eval.samples["pred"][order], val_eval.samples["exit"][order]
+    assert torch.equal(val_eval.samples["index"][order], torch.arange(SIZES["val"]))
+    want_pred, want_exit = predicted(cached, cal.chosen.thresholds)
+    assert torch.equal(got_exit, want_exit)
+    assert torch.equal(got_pred, want_pred)
+    assert torch.equal(val_eval.samples["backbone_pred"][order], cached[2])
+    assert val_eval.images == SIZES["val"]
+    assert val_eval.accuracy == cal.chosen.accuracy
+    assert val_eval.backbone_accuracy == cal.backbone_accuracy
+    assert val_eval.mean_cost == pytest.approx(cal.chosen.mean_cost, rel=1e-6)
+    assert val_eval.flops_ratio == pytest.approx(cal.chosen.cost_ratio, rel=1e-6)
+    assert val_eval.exit_fractions == pytest.approx(list(cal.chosen.exit_fractions), abs=1e-12)
+
+
+def test_every_stored_operating_point_matches_the_cache(pipe: Pipeline, val_images, cached):
+    model = dgate_cli.load(pipe.export_dir)
+    x, labels = val_images
+    points = model.frontier
+    assert len(points) >= 2
+    for p in points:
+        model.set_thresholds(list(p.thresholds))
+        out = model(x)
+        want_pred, want_exit = predicted(cached, p.thresholds)
+        assert torch.equal(out.exit, want_exit), p
+        assert torch.equal(out.pred, want_pred), p
+        assert float((out.pred == labels).double().mean()) == p.accuracy
+    # with thresholds that split the samples over every exit too
+    t = mixed_thresholds(cached[0])
+    model.set_thresholds(t)
+    out = model(x)
+    counts = torch.bincount(out.exit, minlength=model.num_gates + 1)
+    assert (counts > 0).all(), counts
+    want_pred, want_exit = predicted(cached, t)
+    assert torch.equal(out.exit, want_exit) and torch.equal(out.pred, want_pred)
+
+
+def test_evaluate_on_held_out_test_images(pipe: Pipeline):
+    r = evaluate(pipe.export_dir, str(pipe.data["test"]), device="cpu", batch_size=64, workers=0, limit=120)
+    assert r.images == 120
+    assert sorted(r.samples["index"].tolist()) == sorted(set(r.samples["index"].tolist()))
+    assert sum(sum(row) for row in r.per_class_exits) == 120
+    full = evaluate(pipe.export_dir, str(pipe.data["test"]), device="cpu", batch_size=64, workers=0)
+    assert full.backbone_accuracy == pipe.extracted.splits["test"].backbone_accuracy
+    assert full.flops_ratio < 1.0
+    assert full.to_dict()["exit_fractions"].keys() == {"stage1", "stage2", "backbone"}
+
+
+# -- the runtime skips work --------------------------------------------------------------------------
+
+
+def record_stage_inputs(model: GatedModel) -> tuple[list[list[int]], list]:
+    seen: list[list[int]] = [[] for _ in model.stages]
+    handles = [
+        stage.register_forward_pre_hook(lambda mod, args, k=k: seen[k].append(int(args[0].shape[0])))
+        for k, stage in enumerate(model.stages)
+    ]
+    return seen, handles
+
+
+def test_samples_that_exit_skip_the_later_stages(pipe: Pipeline, val_images, cached, monkeypatch):
+    model = dgate_cli.load(pipe.export_dir)
+    x = val_images[0][:200]
+    G = model.num_gates
+    assert G == 2 and len(model.stages) == 3
+    seen, handles = record_stage_inputs(model)
+
+    t0 = mixed_thresholds(cached[0])[0]
+    model.set_thresholds([t0, math.inf])
+    out = model(x)
+    leave = int((out.exit == 0).sum())
+    assert 0 < leave < 200
+    assert seen == [[200], [200 - leave], [200 - leave]]
+
+    for s in seen:
+        s.clear()
+    model.set_thresholds([-math.inf] * G)
+    out = model(x)
+    assert seen == [[200], [], []]
+    assert bool((out.exit == 0).all())
+
+    calls = []
+    original = GatedModel.gate_outputs
+
+    def counting(self, g, h):
+        calls.append(g)
+        return original(self, g, h)
+
+    monkeypatch.setattr(GatedModel, "gate_outputs", counting)
+    for s in seen:
+        s.clear()
+    model.set_thresholds([math.inf] * G)
+    out = model(x)
+    assert calls == []
+    assert seen == [[200], [200], [200]]
+    assert bool((out.exit == G).all())
+    assert torch.equal(out.pred, model.backbone_forward(x).argmax(1))
+    model.set_thresholds([t0, math.inf])
+    model(x)
+    assert calls == [0]  # the closed gate is never computed
+    for h in handles:
+        h.remove()
+
+
+def test_batch_size_does_not_change_decisions(pipe: Pipeline, val_images, cached):
+    model = dgate_cli.load(pipe.export_dir)
+    model.set_thresholds(mixed_thresholds(cached[0]))
+    x = val_images[0][:64]
+    big = model(x)
+    assert len(set(big.exit.tolist())) == model.num_gates + 1
+    singles = [model(x[i : i + 1]) for i in range(64)]
+    assert torch.equal(torch.cat([s.exit for s in singles]), big.exit)
+    assert torch.equal(torch.cat([s.pred for s in singles]), big.pred)
+    halves = [model(x[:40]), model(x[40:])]
+    assert torch.equal(torch.cat([h.exit for h in halves]), big.exit)
+    assert torch.equal(torch.cat([h.pred for h in halves]), big.pred)
+
+
+def test_operating_points_switch_without_recalibrating(pipe: Pipeline, val_images, cached):
+    untouched = {p: p.stat().st_mtime_ns for p in [pipe.run / "calibration.json", pipe.export_dir / "dgate.json"]}
+    model = dgate_cli.load(pipe.export_dir)
+    x, _ = val_images
+    assert model.thresholds == list(pipe.calibration.chosen.thresholds)
+    calibrated = model(x)
+    costs_before = model.exit_costs()
+
+    first = model.use_operating_point(index=0)
+    assert first == model.frontier[0]
+    assert model.thresholds == list(first.thresholds)
+    out = model(x)
+    want_pred, want_exit = predicted(cached, first.thresholds)
+    assert torch.equal(out.exit, want_exit) and torch.equal(out.pred, want_pred)
+    fractions = (torch.bincount(out.exit, minlength=model.num_gates + 1).double() / len(x)).tolist()
+    assert fractions == pytest.approx(list(first.exit_fractions), abs=1e-12)
+
+    loose = model.use_operating_point(max_drop=0.1)
+    top = max(p.accuracy for p in model.frontier)
+    allowed = [p for p in model.frontier if p.accuracy >= top - 0.1 - 1e-12]
+    assert loose.accuracy >= top - 0.1 - 1e-12
+    assert loose.mean_cost == min(p.mean_cost for p in allowed)
+    assert model.thresholds == list(loose.thresholds)
+    out_loose = model(x)
+    want_pred, want_exit = predicted(cached, loose.thresholds)
+    assert torch.equal(out_loose.exit, want_exit)
+    assert first.mean_cost > loose.mean_cost
+    assert not torch.equal(out.exit, out_loose.exit)
+
+    model.set_thresholds(["inf"] * model.num_gates)
+    assert bool((model(x).exit == model.num_gates).all())
+    assert model.exit_costs() != costs_before
+    model.set_thresholds(list(pipe.calibration.chosen.thresholds))
+    assert torch.equal(model(x).exit, calibrated.exit)
+    assert model.exit_costs() == costs_before
+
+    with pytest.raises(ValueError, match="expected 2 thresholds"):
+        model.set_thresholds([0.0])
+    with pytest.raises(ValueError):
+        model.set_thresholds([0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="NaN"):
+        model.set_thresholds([float("nan"), 0.0])
+    with pytest.raises(ValueError, match="exactly one"):
+        model.use_operating_point()
+    with pytest.raises(ValueError, match="exactly one"):
+        model.use_operating_point(max_drop=0.01, index=0)
+    assert model.thresholds == list(pipe.calibration.chosen.thresholds)  # a refused change changes nothing
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
+
+
+# -- the manifest and weights are checked on load ----------------------------------------------------
+
+
+def test_a_flipped_byte_in_the_weights_is_detected(pipe: Pipeline, tmp_path: Path):
+    d = copy_export(pipe, tmp_path)
+    w = d / "model.safetensors"
+    raw = bytearray(w.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    w.write_bytes(bytes(raw))
+    with pytest.raises(ManifestError, match="sha256"):
+        dgate_cli.load(d)
+
+
+def test_truncated_weights_without_verification(pipe: Pipeline, tmp_path: Path):
+    d = copy_export(pipe, tmp_path)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ManifestError, match="sha256"):
+        dgate_cli.load(d)
+    with pytest.raises(ManifestError, match="safetensors"):
+        dgate_cli.load(d, verify=False)
+
+
+def _edit_manifest(d: Path, edit) -> None:
+    m = json.loads((d / "dgate.json").read_text())
+    edit(m)
+    (d / "dgate.json").write_text(json.dumps(m))
+
+
+def test_unknown_schema_version(pipe: Pipeline, tmp_path: Path):
+    d = copy_export(pipe, tmp_path)
+    _edit_manifest(d, lambda m: m.update(schema_version=99))
+    with pytest.raises(ManifestError, match="schema_version 99") as info:
+        dgate_cli.load(d)
+    assert "reads 1" in str(info.value)
+
+
+def test_manifest_that_is_not_json(pipe: Pipeline, tmp_path: Path):
+    d = copy_export(pipe, tmp_path)
+    (d / "dgate.json").write_text("{ this is not json")
+    with pytest.raises(ManifestError, match="corrupt"):
+        dgate_cli.load(d)
+    (d / "dgate.json").write_text("[1, 2, 3]")
+    with pytest.raises(ManifestError, match="not a JSON object"):
+        dgate_cli.load(d)
+
+
+@pytest.mark.parametrize("key", sorted(manifest.REQUIRED))
+def test_manifest_missing_a_required_key(pipe: Pipeline, tmp_path: Path, key: str):
+    d = copy_export(pipe, tmp_path)
+    _edit_manifest(d, lambda m: m.pop(key))
+    with pytest.raises(ManifestError, match=key):
+        dgate_cli.load(d)
+
+
+def test_unknown_manifest_keys_are_ignored(pipe: Pipeline, tmp_path: Path, val_images):
+    d = copy_export(pipe, tmp_path)
+    _edit_manifest(d, lambda m: m.update(added_by_a_newer_dgate={"x": 1}, another=[1, 2]))
+    model = dgate_cli.load(d)
+    reference = dgate_cli.load(pipe.export_dir)
+    x = val_images[0][:32]
+    assert torch.equal(model(x).pred, reference(x).pred)
+    assert model.manifest["added_by_a_newer_dgate"] == {"x": 1}
+
+
+def test_missing_weights_file(pipe: Pipeline, tmp_path: Path):
+    d = copy_export(pipe, tmp_path)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        dgate_cli.load(d)
+
+
+# -- golden: what export writes ----------------------------------------------------------------------
+
+
+def test_manifest_keys_are_exactly_the_known_ones(pipe: Pipeline):
+    m = json.loads((pipe.export_dir / "dgate.json").read_text())
+    assert sorted(m) == MANIFEST_KEYS
+    assert set(m) <= manifest.PERMITTED
+    assert set(manifest.REQUIRED) <= set(m)
+    assert m["schema_version"] == manifest.SCHEMA_VERSION
+    assert [g["name"] for g in m["gates"]] == pipe.calibration.gates
+    assert all(set(g) == manifest.GATE_KEYS for g in m["gates"])
+    assert m["weights"]["file"] == "model.safetensors"
+    assert len(m["thresholds"]) == len(m["gates"])
+    assert manifest.validate(m) is m
+
+
+def test_weights_file_holds_the_backbone_and_the_gates(pipe: Pipeline):
+    with safe_open(str(pipe.export_dir / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        gate_shapes = [tuple(f.get_tensor(f"gates.{i}.weight").shape) for i in range(2)]
+        bias_shapes = [tuple(f.get_tensor(f"gates.{i}.bias").shape) for i in range(2)]
+    expected = {f"backbone.{k}" for k in demo.demo_cnn().state_dict()}
+    expected |= {f"gates.{i}.{p}" for i in range(2) for p in ("weight", "bias")}
+    assert keys == expected
+    sizes = pipe.extracted.config.feature_sizes
+    assert gate_shapes == [(10, sizes[0]), (10, sizes[1])]
+    assert bias_shapes == [(10,), (10,)]
+
+
+# -- export's own safety -----------------------------------------------------------------------------
+
+
+def test_export_does_not_overwrite_without_being_asked(pipe: Pipeline, tmp_path: Path):
+    d = copy_export(pipe, tmp_path)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    (d / "dgate.json").touch()
+    with pytest.raises(CacheMismatchError, match="--overwrite"):
+        export(pipe.run, d)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".incomplete")]
+    result = export(pipe.run, d, overwrite=True)
+    assert result.out_dir == d
+    assert dgate_cli.load(d).thresholds == list(pipe.calibration.chosen.thresholds)
+    assert sorted(p.name for p in d.iterdir()) == ["dgate.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".incomplete")]
+
+
+def test_a_failed_export_leaves_nothing_behind(pipe: Pipeline, tmp_path: Path, monkeypatch):
+    def broken(data, source="dgate.json"):
+        raise ManifestError("simulated failure after the weights were written")
+
+    monkeypatch.setattr("dgate_cli.export.manifest.validate", broken)
+    out = tmp_path / "fresh"
+    with pytest.raises(ManifestError, match="simulated"):
+        export(pipe.run, out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+    d = copy_export(pipe, tmp_path)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(ManifestError, match="simulated"):
+        export(pipe.run, d, overwrite=True)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
