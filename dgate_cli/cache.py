@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from . import _io
 from ._version import __version__
@@ -117,12 +117,17 @@ def read_run(run_dir: str | Path) -> RunConfig:
         data = _io.read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CacheMismatchError(f"{path} is corrupt ({exc}); run `dgate extract` again with --overwrite") from exc
+    if not isinstance(data, dict):
+        raise CacheMismatchError(f"{path} is not a dgate run file; run `dgate extract` again with --overwrite")
     if data.get("format_version") != FORMAT_VERSION:
         raise CacheMismatchError(
             f"{path} has cache format {data.get('format_version')}, this dgate reads {FORMAT_VERSION}; "
             "run `dgate extract` again with --overwrite"
         )
-    return RunConfig.from_dict(data)
+    try:
+        return RunConfig.from_dict(data)
+    except TypeError as exc:
+        raise CacheMismatchError(f"{path} is incomplete ({exc}); run `dgate extract` again with --overwrite") from exc
 
 
 def write_run(run_dir: str | Path, config: RunConfig) -> None:
@@ -176,6 +181,19 @@ def write_index(run_dir: str | Path, split: str, index: SplitIndex) -> None:
 def reset_split(run_dir: str | Path, split: str) -> None:
     """Delete a split's cache."""
     shutil.rmtree(split_dir(run_dir, split), ignore_errors=True)
+
+
+def shards_intact(run_dir: str | Path, split: str, index: SplitIndex) -> bool:
+    """Whether every shard the index lists exists and has a readable header with the right count."""
+    d = split_dir(run_dir, split)
+    for shard in index.shards:
+        try:
+            with safe_open(str(d / shard["file"]), framework="pt") as f:
+                if f.get_slice("labels").get_shape()[0] != shard["count"]:
+                    return False
+        except (SafetensorError, OSError):
+            return False
+    return True
 
 
 def feature_key(gate: str) -> str:
@@ -306,9 +324,12 @@ def load_split(
         path = d / shard["file"]
         if not path.is_file():
             raise CacheMismatchError(f"{path} is missing; run `dgate extract {run_dir}` again to rebuild the cache")
-        with safe_open(str(path), framework="pt") as f:
-            for k in keys:
-                parts[k].append(f.get_tensor(k))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for k in keys:
+                    parts[k].append(f.get_tensor(k))
+        except (SafetensorError, OSError) as exc:
+            raise CacheMismatchError(f"{path} is corrupt ({exc}); run `dgate extract {run_dir}` again to rebuild it") from exc
         if on_shard:
             on_shard(i + 1, len(index.shards))
     cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}

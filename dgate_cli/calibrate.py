@@ -204,7 +204,10 @@ def read_calibration(run_dir: str | Path) -> dict[str, Any]:
     path = run_dir / CALIBRATION_JSON
     if not path.is_file():
         raise NotFittedError(f"{run_dir} has no thresholds; run `dgate calibrate {run_dir} --max-drop 0.01` first")
-    data = _io.read_json(path)
-    if data.get("identity") != cache.read_run(run_dir).identity():
+    try:
+        data = _io.read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise NotFittedError(f"{path} is corrupt ({exc}); run `dgate calibrate {run_dir}` again") from exc
+    if not isinstance(data, dict) or data.get("identity") != cache.read_run(run_dir).identity():
         raise NotFittedError(f"the thresholds in {run_dir} belong to an older cache; run `dgate calibrate {run_dir}` again")
     return data

@@ -284,6 +284,10 @@ def _extract_split(
         notes.append(f"the {split} cache was made from other {what}; rebuilding it")
         cache.reset_split(run_dir, split)
         index = None
+    if index is not None and not cache.shards_intact(run_dir, split, index):
+        notes.append(f"the {split} cache has missing or damaged shards; rebuilding it")
+        cache.reset_split(run_dir, split)
+        index = None
     if index is not None and index.complete:
         cached = cache.load_split(run_dir, split, with_features=False)
         if progress:

@@ -66,7 +66,31 @@ def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
     for key in ("file", "sha256"):
         if not isinstance(data["weights"].get(key), str):
             raise ManifestError(f"{source}: weights.{key} is missing; re-export the model")
+    G = len(data["gates"])
+    _check(source, "model.spec", data["model"].get("spec"), str)
+    _check(source, "model.kwargs", data["model"].get("kwargs"), dict)
+    _check_list(source, "pooling.sizes", data["pooling"].get("sizes"), int, None)
+    _check_list(source, "pooling.ops", data["pooling"].get("ops"), str, None)
+    _check(source, "costs.unit", data["costs"].get("unit"), str)
+    _check_list(source, "costs.reach", data["costs"].get("reach"), (int, float), G + 1)
+    _check_list(source, "costs.gates", data["costs"].get("gates"), (int, float), G)
+    _check_list(source, "classes", data["classes"], str, None)
+    for i, t in enumerate(data["thresholds"]):
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool)) and t not in ("inf", "-inf"):
+            raise ManifestError(f"{source}: thresholds[{i}] must be a number, 'inf' or '-inf', got {t!r}; re-export the model")
     return data
+
+
+def _check(source: str, name: str, value: Any, kind: type | tuple[type, ...]) -> None:
+    if not isinstance(value, kind):
+        raise ManifestError(f"{source}: '{name}' is missing or not {getattr(kind, '__name__', 'a number')}; re-export the model")
+
+
+def _check_list(source: str, name: str, value: Any, kind: type | tuple[type, ...], length: int | None) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise ManifestError(f"{source}: '{name}' is missing or has entries of the wrong type; re-export the model")
+    if length is not None and len(value) != length:
+        raise ManifestError(f"{source}: '{name}' has {len(value)} entries, expected {length}; re-export the model")
 
 
 def read(directory: str | Path) -> dict[str, Any]:

@@ -5,14 +5,18 @@ predicting that gate's class; a sample no gate takes pays the whole backbone. Gi
 calibration split, every sample's score and correctness at every gate, :func:`search` finds the
 thresholds with the lowest mean cost subject to ``accuracy >= target``.
 
-The search is exact along one gate at a time: with the other thresholds fixed, the best threshold
-of gate ``g`` is found by sorting the samples that reach ``g`` by score and scanning all cut points
-with prefix sums (O(N log N)). Coordinate descent over the gates, from several starting points
-(all gates closed, which is the paper's sequential rule as its first sweep; all samples at the
-first gate; each gate closed in turn from the best point so far), finds solutions at least as cheap
-as an exhaustive search over a fine grid (tested for up to 3 gates) and scales linearly in the
-number of gates. Thresholds are placed midway between consecutive distinct scores, so a tiny
-numerical difference between calibration and runtime does not move a sample across a threshold.
+The search combines three exact moves. With the other thresholds fixed, the best threshold of one
+gate is found by sorting the samples that reach it by score and scanning every cut with prefix sums
+(O(N log N)); the best pair of thresholds for two gates is found by scanning every combination of
+cuts with a masked prefix-sum matrix (O(N^2), in chunks). A Lagrangian continuation (minimise
+``cost - lam * correct`` for decreasing ``lam``) spreads the accuracy budget across gates and gives
+starting points; coordinate descent from them, then block descent over pairs of gates (all pairs up
+to five gates, neighbouring pairs beyond), finishes. For two gates the result is the exact optimum;
+for three it is at least as cheap as an exhaustive search over a fine grid (tested); the paper's
+sequential rule is the first sweep from all gates closed, so the search never does worse.
+Thresholds are placed midway between consecutive distinct scores, so a tiny numerical difference
+between calibration and runtime does not move a sample across a threshold. Costs charge only open
+gates, as the runtime skips closed ones.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class GateOutcomes:
     gate_costs: torch.Tensor
 
     def __post_init__(self) -> None:
+        if self.scores.dim() != 2:
+            raise SpecError(f"gate outcomes need scores of shape (N, G), got {tuple(self.scores.shape)}")
         n, g = self.scores.shape
         if (
             self.correct.shape != (n, g)
@@ -97,6 +103,10 @@ class GateOutcomes:
     def exits(self, thresholds: Sequence[float] | torch.Tensor) -> torch.Tensor:
         """Exit index per sample (``G`` = the backbone) under ``thresholds``."""
         t = torch.as_tensor(thresholds, dtype=self.scores.dtype)
+        if t.shape != (self.num_gates,):
+            raise SpecError(f"expected {self.num_gates} thresholds (one per gate), got {tuple(t.shape)}")
+        if self.num_gates == 0:
+            return torch.zeros(self.num_samples, dtype=torch.long)
         ge = self.scores >= t
         return torch.where(ge.any(1), ge.to(torch.int8).argmax(1), self.num_gates)
 
@@ -170,26 +180,38 @@ def _need(target: float, n: int) -> int:
 
 
 class _Searcher:
-    """Threshold search: exact one-gate steps, Lagrangian continuation, pairwise polish."""
+    """Threshold search: exact one-gate steps, Lagrangian continuation, exact two-gate moves.
+
+    Costs charge only open gates (``t < inf``), exactly as :meth:`GateOutcomes.evaluate` does.
+    """
 
     def __init__(self, oc: GateOutcomes):
         self.oc = oc
         self.scores = oc.scores.double()
-        self.costs = oc.exit_costs()
+        self.reach = oc.reach_costs.double()
+        self.gate_costs = oc.gate_costs.double()
         self.correct_all = oc.all_correct()
+        self.correct_f = self.correct_all.double()
         self.G = oc.num_gates
         self.N = oc.num_samples
         # each gate's samples sorted by score once; a sweep filters this order instead of sorting
         self.order = [torch.argsort(self.scores[:, g], descending=True, stable=True) for g in range(self.G)]
 
     # -- evaluation -------------------------------------------------------------------------------
+    def costs_for(self, t: torch.Tensor) -> torch.Tensor:
+        """``(G + 1,)`` exit costs when the gates with ``t < inf`` are open."""
+        gc = torch.where(t < INF, self.gate_costs, torch.zeros_like(self.gate_costs))
+        return self.reach + torch.cat([gc.cumsum(0), gc.sum().reshape(1)])
+
     def _exits(self, t: torch.Tensor) -> torch.Tensor:
+        if self.G == 0:
+            return torch.zeros(self.N, dtype=torch.long)
         ge = self.scores >= t
         return torch.where(ge.any(1), ge.to(torch.int8).argmax(1), self.G)
 
     def totals(self, t: torch.Tensor) -> tuple[int, float]:
         e = self._exits(t)
-        return int(self.correct_all.gather(1, e[:, None]).sum()), float(self.costs[e].sum())
+        return int(self.correct_all.gather(1, e[:, None]).sum()), float(self.costs_for(t)[e].sum())
 
     def key(self, t: torch.Tensor, need: int) -> tuple[int, float]:
         """(correct samples short of the target, total cost): smaller is better, in that order."""
@@ -200,36 +222,6 @@ class _Searcher:
     def better(a: tuple[int, float], b: tuple[int, float]) -> bool:
         return a[0] < b[0] or (a[0] == b[0] and a[1] < b[1] - 1e-9 * abs(b[1]))
 
-    # -- one gate at a time -----------------------------------------------------------------------
-    def sweep(self, t: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every choice for gate ``g`` with the others fixed.
-
-        Returns the scores of the samples reaching ``g`` sorted high to low, and for ``j = 0..R``
-        (the ``j`` highest exit at ``g``) the total cost, the number correct, and whether ``j`` is a
-        valid cut (it does not split equal scores).
-        """
-        closed = t.clone()
-        closed[g] = INF
-        e_after = self._exits(closed)
-        reach = (self.scores[:, :g] < t[:g]).all(1) if g else torch.ones(self.N, dtype=torch.bool)
-        cost_after = self.costs[e_after]
-        corr_after = self.correct_all.gather(1, e_after[:, None]).squeeze(1).double()
-        base_cost = float(cost_after[~reach].sum())
-        base_corr = float(corr_after[~reach].sum())
-        order = self.order[g][reach[self.order[g]]]
-        s = self.scores[order, g]
-        ca = cost_after[order]
-        ra = corr_after[order]
-        rx = self.correct_all[order, g].double()
-        zero = torch.zeros(1, dtype=torch.float64)
-        j = torch.arange(s.numel() + 1, dtype=torch.float64)
-        cost = base_cost + j * float(self.costs[g]) + (ca.sum() - torch.cat([zero, ca.cumsum(0)]))
-        corr = (base_corr + torch.cat([zero, rx.cumsum(0)]) + (ra.sum() - torch.cat([zero, ra.cumsum(0)]))).round()
-        valid = torch.ones_like(j, dtype=torch.bool)
-        if s.numel() > 1:
-            valid[1:-1] = s[:-1] > s[1:]  # never split samples with equal scores
-        return s, cost, corr, valid
-
     @staticmethod
     def threshold(s: torch.Tensor, j: int) -> float:
         """The threshold that lets exactly the ``j`` highest of the sorted scores ``s`` exit."""
@@ -238,6 +230,44 @@ class _Searcher:
         if j == s.numel():
             return -INF
         return float((s[j - 1] + s[j]) / 2)
+
+    @staticmethod
+    def _valid(s: torch.Tensor) -> torch.Tensor:
+        """Cut positions ``0..len(s)`` that do not split equal scores (``s`` sorted high to low)."""
+        valid = torch.ones(s.numel() + 1, dtype=torch.bool)
+        if s.numel() > 1:
+            valid[1:-1] = s[:-1] > s[1:]
+        return valid
+
+    # -- one gate at a time -----------------------------------------------------------------------
+    def sweep(self, t: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every choice for gate ``g`` with the others fixed.
+
+        Returns the scores of the samples reaching ``g`` sorted high to low, and for ``j = 0..R``
+        (the ``j`` highest exit at ``g``; ``j = 0`` closes the gate) the total cost, the number
+        correct, and whether ``j`` is a valid cut (it does not split equal scores).
+        """
+        closed = t.clone()
+        closed[g] = INF
+        opened = t.clone()
+        opened[g] = -INF
+        c_closed, c_open = self.costs_for(closed), self.costs_for(opened)
+        e_after = self._exits(closed)
+        reach = e_after > g
+        corr_after = self.correct_f.gather(1, e_after[:, None]).squeeze(1)
+        order = self.order[g][reach[self.order[g]]]
+        s = self.scores[order, g]
+        ca = c_open[e_after][order]
+        ra = corr_after[order]
+        rx = self.correct_f[order, g]
+        zero = torch.zeros(1, dtype=torch.float64)
+        j = torch.arange(s.numel() + 1, dtype=torch.float64)
+        base_cost = float(c_open[e_after][~reach].sum())
+        base_corr = float(corr_after[~reach].sum())
+        cost = base_cost + j * float(c_open[g]) + (ca.sum() - torch.cat([zero, ca.cumsum(0)]))
+        cost[0] = float(c_closed[e_after].sum())
+        corr = (base_corr + torch.cat([zero, rx.cumsum(0)]) + (ra.sum() - torch.cat([zero, ra.cumsum(0)]))).round()
+        return s, cost, corr, self._valid(s)
 
     def step(self, t: torch.Tensor, g: int, need: int) -> torch.Tensor:
         """The best threshold for gate ``g`` with the others fixed (feasibility first, then cost)."""
@@ -263,6 +293,86 @@ class _Searcher:
                 break
         return t
 
+    # -- two gates at a time, exactly ---------------------------------------------------------------
+    def pair(self, t: torch.Tensor, g: int, h: int, need: int, chunk: int = 1 << 22) -> torch.Tensor:
+        """The best thresholds for gates ``g < h`` jointly, the others fixed (exact).
+
+        With ``j1`` samples leaving at ``g`` (the highest scores among those reaching it) and a cut
+        ``p`` in the order of gate ``h``'s scores, cost and correctness are a row term plus a masked
+        prefix sum over ``p``; all ``(j1, p)`` are scanned in row chunks.
+        """
+        base_t = t.clone()
+        base_t[g] = INF
+        base_t[h] = INF
+        c_base = self.costs_for(base_t)
+        e0 = self._exits(base_t)
+        cor0 = self.correct_f.gather(1, e0[:, None]).squeeze(1)
+        reach_g = e0 > g
+        K_cost = float(c_base[e0].sum())
+        K_corr = float(cor0.sum())
+        og = self.order[g][reach_g[self.order[g]]]  # reaching g, by score at g
+        sg = self.scores[og, g]
+        n_g = og.numel()
+        rank_g = torch.full((self.N,), -1, dtype=torch.long)
+        rank_g[og] = torch.arange(n_g)
+        # leaving at g instead of the default exit e0
+        zero = torch.zeros(1, dtype=torch.float64)
+        A_cost = K_cost + torch.cat([zero, (float(c_base[g]) - c_base[e0[og]]).cumsum(0)])
+        A_corr = K_corr + torch.cat([zero, (self.correct_f[og, g] - cor0[og]).cumsum(0)])
+        in_h = reach_g & (e0 > h)
+        oh = self.order[h][in_h[self.order[h]]]  # reaching h when not leaving at g, by score at h
+        sh = self.scores[oh, h]
+        w_cost = float(c_base[h]) - c_base[e0[oh]]
+        w_corr = self.correct_f[oh, h] - cor0[oh]
+        rg_h = rank_g[oh]
+        valid_p = self._valid(sh)
+        valid_j = self._valid(sg)
+        gc_g, gc_h = float(self.gate_costs[g]), float(self.gate_costs[h])
+        best_key: tuple[float, float] | None = None
+        best_jp = (0, 0)
+        rows = max(1, chunk // (oh.numel() + 1))
+        for r0 in range(0, n_g + 1, rows):
+            j1 = torch.arange(r0, min(n_g + 1, r0 + rows))
+            present = rg_h[None, :] >= j1[:, None]  # (rows, |H|)
+            pz = torch.zeros(j1.numel(), 1, dtype=torch.float64)
+            B_cost = torch.cat([pz, (present * w_cost).cumsum(1)], 1)
+            B_corr = torch.cat([pz, (present * w_corr).cumsum(1)], 1)
+            n_present = present.sum(1).double()
+            cost = A_cost[j1][:, None] + B_cost + (j1 > 0).double()[:, None] * gc_g * n_g
+            cost[:, 1:] += gc_h * n_present[:, None]
+            corr = (A_corr[j1][:, None] + B_corr).round()
+            ok = valid_j[j1][:, None] & valid_p[None, :]
+            short = torch.where(ok, (need - corr).clamp_min(0), torch.full_like(corr, INF))
+            smin = float(short.min())
+            cost_c = torch.where(ok & (short == smin), cost, torch.full_like(cost, INF))
+            flat = int(torch.argmin(cost_c))
+            k = (smin, float(cost_c.view(-1)[flat]))
+            if best_key is None or k[0] < best_key[0] or (k[0] == best_key[0] and k[1] < best_key[1]):
+                best_key, best_jp = k, (int(j1[flat // cost_c.shape[1]]), flat % cost_c.shape[1])
+        new = t.clone()
+        new[g] = self.threshold(sg, best_jp[0])
+        new[h] = self.threshold(sh, best_jp[1])
+        return new
+
+    def polish(self, t: torch.Tensor, need: int, max_sweeps: int = 4) -> torch.Tensor:
+        """Block coordinate descent with exact two-gate moves (all pairs up to 5 gates, else neighbours)."""
+        if self.G < 2:
+            return t
+        pairs = [(g, h) for g in range(self.G) for h in range(g + 1, self.G)]
+        if self.G > 5:
+            pairs = [(g, g + 1) for g in range(self.G - 1)]
+        best = self.key(t, need)
+        for _ in range(max_sweeps):
+            improved = False
+            for g, h in pairs:
+                cand = self.descend(self.pair(t, g, h, need), need)
+                k = self.key(cand, need)
+                if self.better(k, best):
+                    t, best, improved = cand, k, True
+            if not improved:
+                break
+        return t
+
     # -- Lagrangian continuation ------------------------------------------------------------------
     def lagrangian_path(self, steps: int = 40) -> list[torch.Tensor]:
         """Minimisers of ``cost - lam * correct`` for ``lam`` from large to small (each warm-started).
@@ -270,8 +380,10 @@ class _Searcher:
         Trading accuracy for cost at one price across all gates spreads the accuracy budget over the
         gates where it buys the most, which one-gate-at-a-time search cannot do.
         """
-        scale = float(self.costs[-1])
         t = torch.full((self.G,), INF, dtype=torch.float64)
+        if self.G == 0:
+            return [t]
+        scale = float(self.reach[-1])
         path = []
         for lam in torch.logspace(3, -2, steps, dtype=torch.float64).tolist():
             lam *= scale
@@ -294,31 +406,6 @@ class _Searcher:
     def _lagrangian(self, t: torch.Tensor, lam: float) -> float:
         corr, cost = self.totals(t)
         return cost - lam * corr
-
-    # -- two gates at a time ----------------------------------------------------------------------
-    def polish(self, t: torch.Tensor, need: int, levels: int = 16, max_sweeps: int = 3) -> torch.Tensor:
-        """Pairwise moves: set gate ``g`` to one of ``levels`` values, then choose gate ``h`` exactly."""
-        best = self.key(t, need)
-        for _ in range(max_sweeps):
-            improved = False
-            for g in range(self.G):
-                s, _cost, _corr, valid = self.sweep(t, g)
-                options = torch.nonzero(valid).squeeze(1)
-                picks = options[(torch.linspace(0, 1, levels) * (options.numel() - 1)).round().long().unique()]
-                for j in picks.tolist():
-                    moved = t.clone()
-                    moved[g] = self.threshold(s, j)
-                    for h in range(self.G):
-                        if h == g:
-                            continue
-                        cand = self.step(moved, h, need)
-                        if self.better(self.key(cand, need), best):
-                            t = self.descend(cand, need)
-                            best, improved = self.key(t, need), True
-                            break
-            if not improved:
-                break
-        return t
 
     def best_for(self, need: int, path: list[torch.Tensor], polish: bool = True) -> torch.Tensor:
         """Descend from the path points around the target (and from all gates closed); polish the best."""

@@ -311,3 +311,37 @@ def test_format_version_mismatch(tmp_path, clean):
 def test_missing_run_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="dgate extract"):
         cache.read_run(tmp_path)
+
+
+# -- a damaged cache is rebuilt, never reused or reported in a loop ----------------------------------
+
+
+def test_a_missing_shard_is_rebuilt_on_the_next_extract(tmp_path, clean, data, weights):
+    run = copy_run(clean[0], tmp_path / "run")
+    (run / "cache" / "val" / "shard-00000.safetensors").unlink()
+    with pytest.raises(CacheMismatchError, match="missing"):
+        cache.load_split(run, "val")
+    result = run_extract(run, data, weights)
+    assert result.splits["train"].reused and not result.splits["val"].reused
+    assert any("val" in n and "damaged" in n for n in result.notes)
+    assert_same_cache(run, clean[0], "val")
+
+
+def test_a_truncated_shard_is_a_clear_error_then_rebuilt(tmp_path, clean, data, weights):
+    run = copy_run(clean[0], tmp_path / "run")
+    shard = run / "cache" / "train" / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CacheMismatchError, match="corrupt") as info:
+        cache.load_split(run, "train")
+    assert "\n" not in str(info.value) and "dgate extract" in str(info.value)
+    result = run_extract(run, data, weights)
+    assert not result.splits["train"].reused and result.splits["val"].reused
+    assert_same_cache(run, clean[0], "train")
+
+
+@pytest.mark.parametrize("content", ["[]", '{"format_version": 1}'])
+def test_a_run_json_that_is_not_a_run_config(tmp_path, clean, content):
+    run = copy_run(clean[0], tmp_path / "run")
+    (run / "run.json").write_text(content)
+    with pytest.raises(CacheMismatchError, match="--overwrite"):
+        cache.read_run(run)

@@ -478,3 +478,39 @@ def test_calibrate_passes_its_options(monkeypatch, tmp_path):
             {"target_acc": 0.93, "max_drop": None, "split": "val", "score": None, "gates": ["a", "b"]},
         )
     ]
+
+
+# -- reusing a run's settings; damaged files go through the error funnel ------------------------------
+
+
+def test_extract_without_model_applies_explicit_options(tmp_path, extracted):
+    run = tmp_path / "run"
+    shutil.copytree(extracted[0], run)
+    result = invoke("extract", run, "--pool", "2", "--workers", 0, "--json")
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((run / "run.json").read_text())
+    assert config["pooling"]["sizes"] == [2]
+    out = json.loads(result.stdout)
+    assert not out["splits"]["train"]["reused"] and not out["splits"]["val"]["reused"]
+    assert any("rebuilding" in n for n in out["notes"])
+    # the same command again reuses everything
+    again = json.loads(invoke("extract", run, "--workers", 0, "--json").stdout)
+    assert again["splits"]["train"]["reused"] and again["splits"]["val"]["reused"]
+
+
+def test_corrupt_shard_is_a_one_line_error_in_fit(tmp_path, fitted):
+    run = tmp_path / "run"
+    shutil.copytree(fitted, run)
+    shard = run / "cache" / "train" / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    msg = one_line_error(invoke("fit", run))
+    assert "corrupt" in msg and "dgate extract" in msg
+
+
+def test_corrupt_calibration_is_a_one_line_error_in_export(tmp_path, calibrated):
+    run = tmp_path / "run"
+    shutil.copytree(calibrated, run)
+    (run / "calibration.json").write_text("{not json")
+    msg = one_line_error(invoke("export", run, "--out", tmp_path / "model"))
+    assert "dgate calibrate" in msg
+    assert not (tmp_path / "model").exists()

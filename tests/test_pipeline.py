@@ -463,3 +463,22 @@ def test_a_failed_export_leaves_nothing_behind(pipe: Pipeline, tmp_path: Path, m
         export(pipe.run, d, overwrite=True)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize(
+    "edit, name",
+    [
+        (lambda m: m["model"].pop("spec"), "model.spec"),
+        (lambda m: m["costs"].pop("reach"), "costs.reach"),
+        (lambda m: m["costs"].update(gates=[1.0]), "costs.gates"),
+        (lambda m: m.update(pooling={}), "pooling.sizes"),
+        (lambda m: m.update(thresholds=["abc"] * len(m["thresholds"])), "thresholds[0]"),
+        (lambda m: m.update(classes=[1, 2]), "classes"),
+    ],
+)
+def test_damaged_nested_manifest_fields(pipe: Pipeline, tmp_path: Path, edit, name: str):
+    d = copy_export(pipe, tmp_path)
+    _edit_manifest(d, edit)
+    with pytest.raises(ManifestError) as info:
+        dgate_cli.load(d)
+    assert name in str(info.value) and "re-export" in str(info.value)

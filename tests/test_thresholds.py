@@ -240,23 +240,7 @@ def test_reference_grid_agrees_with_evaluate():
 
 # -- search against the grid and against the sequential rule ------------------------------------------
 CASES = [(G, seed, drop) for G in (1, 2, 3) for seed in SEEDS for drop in DROPS]
-# Cases where search() is costlier than the grid's best (both with every gate open, so this is not
-# the closed-gate cost difference): library limitations, reported; strict, so a fix shows up here.
-KNOWN_MISSES: dict[tuple[int, int, float], str] = {
-    (2, 1, 0.05): "search misses the optimum: mean cost 0.71093672 at (0.32175, 0.61701), "
-    "grid 0.71068594 at (0.30408, 0.62597)",
-    (2, 2, 0.01): "search misses the optimum: mean cost 0.84158795 at (1.175, 0.675), "
-    "grid 0.83854666 at (1.125, 0.725)",
-}
-
-
-def _case_param(G: int, seed: int, drop: float):
-    reason = KNOWN_MISSES.get((G, seed, drop))
-    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-    return pytest.param(G, seed, drop, marks=marks, id=f"G{G}-seed{seed}-drop{drop}")
-
-
-@pytest.mark.parametrize("G, seed, drop", [_case_param(*c) for c in CASES])
+@pytest.mark.parametrize("G, seed, drop", [pytest.param(*c, id=f"G{c[0]}-seed{c[1]}-drop{c[2]}") for c in CASES])
 def test_search_is_at_least_as_cheap_as_the_exhaustive_grid(G, seed, drop):
     oc = synthetic_case(G, seed)
     target = oc.backbone_accuracy - drop
@@ -277,11 +261,6 @@ def test_search_is_at_least_as_cheap_as_sequential(G, seed, drop):
     assert p.mean_cost <= seq.mean_cost + 1e-12, (p, seq)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: search (and sequential) minimise a cost that charges closed gates, so closing a gate "
-    "never looks cheaper; here they return cost 1.05 (ratio > 1) where all gates closed costs 1.0",
-)
 def test_search_never_costs_more_than_the_plain_backbone_when_it_meets_the_target():
     """All gates closed reaches the backbone's accuracy at exactly the backbone's cost, so no
     search result for a target at or below the backbone's accuracy may cost more."""
@@ -559,11 +538,6 @@ def test_outcome_shapes(change, shapes):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: with no gates (calibrate.outcomes builds such outcomes for an empty gate list) "
-    "exits() and search() raise IndexError from argmax over an empty dimension",
-)
 def test_outcomes_without_gates_are_the_backbone():
     final = torch.tensor([True, False, True])
     no_gates = torch.zeros(3, 0, dtype=torch.bool)
@@ -572,17 +546,11 @@ def test_outcomes_without_gates_are_the_backbone():
     assert p.thresholds == () and p.mean_cost == 4.0 and p.accuracy == pytest.approx(2 / 3)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="library bug: 1-D scores raise a bare ValueError ('not enough values to unpack'), not SpecError"
-)
 def test_one_dimensional_scores_are_a_spec_error():
     with pytest.raises(SpecError):
         _outcomes(scores=torch.zeros(5))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="library bug: evaluate() broadcasts a single threshold over all gates instead of rejecting it"
-)
 def test_evaluate_rejects_the_wrong_number_of_thresholds():
     with pytest.raises(SpecError):
         tiny().evaluate([0.5])
@@ -633,21 +601,12 @@ def _real_grid(oc: GateOutcomes) -> Grid:
     return _REAL_GRIDS[id(oc)]
 
 
-REAL_MISSES = {
-    0.05: "search misses the optimum: mean cost 35866031.35 MACs at (-0.20985, 0.02414), "
-    "grid 35849884.71 at (-0.19648, -0.01296)",
-}
-
-
 @needs_shared
 @pytest.mark.slow
 @pytest.mark.shared_data
 @pytest.mark.parametrize(
     "drop",
-    [
-        pytest.param(d, marks=[pytest.mark.xfail(strict=True, reason=REAL_MISSES[d])] if d in REAL_MISSES else [])
-        for d in DROPS
-    ],
+    DROPS,
 )
 def test_search_on_real_outcomes(real_outcomes, drop):
     oc = real_outcomes

@@ -24,8 +24,8 @@ def extract_command(
     val: Annotated[str | None, typer.Option(help="Calibration images (thresholds are chosen on them).", show_default=False)] = None,
     test: Annotated[str | None, typer.Option(help="Held-out images for the final report.", show_default=False)] = None,
     gates: o.Gates = None,
-    pool: Annotated[str, typer.Option(help="Pooled grid sizes per gate: 1 (global), 2, 4, or several like 1,2.")] = "1",
-    pool_op: Annotated[str, typer.Option(help="Pooling operation: avg, max or avg+max.")] = "avg",
+    pool: Annotated[str | None, typer.Option(help="Pooled grid sizes per gate: 1 (global), 2, 4, or several like 1,2. [default: 1]", show_default=False)] = None,
+    pool_op: Annotated[str | None, typer.Option(help="Pooling operation: avg, max or avg+max. [default: avg]", show_default=False)] = None,
     resize: Annotated[int | None, typer.Option(help="Resize the shorter side to N px (0: no resize).", show_default=False)] = None,
     crop: Annotated[int | None, typer.Option(help="Centre-crop to N x N px (0: no crop).", show_default=False)] = None,
     mean: Annotated[str | None, typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406.", show_default=False)] = None,
@@ -33,7 +33,9 @@ def extract_command(
     device: o.Device = "auto",
     batch_size: o.BatchSize = 256,
     workers: o.Workers = None,
-    feature_dtype: Annotated[str, typer.Option(help="float32 (exact calibration) or float16/bfloat16 (half the disk).")] = "float32",
+    feature_dtype: Annotated[
+        str | None, typer.Option(help="float32 (exact calibration) or float16/bfloat16 (half the disk). [default: float32]", show_default=False)
+    ] = None,
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory format (faster convolutions).")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace a RUN_DIR that was made for another model or weights.")] = False,
     json: o.Json = False,
@@ -47,26 +49,21 @@ def extract_command(
     Example: dgate extract runs/r56 --model cifar_resnet56 --weights resnet56.th --train cifar/train --val cifar/val --test cifar/test
     """
     splits = {k: v for k, v in (("train", train), ("val", val), ("test", test)) if v}
-    kwargs: dict = {}
-    if model is None:
+    preprocess = {"resize": resize, "crop": crop, "mean": o.float_tuple(mean, "--mean"), "std": o.float_tuple(std, "--std")}
+    if model is None:  # reuse the settings of RUN_DIR; options given explicitly change them
         if not cache.run_file(run_dir).is_file():
             fail(f"--model is required: {run_dir} has no earlier extraction to take the settings from")
         old = cache.read_run(run_dir)
-        model, model_kwargs = old.model["spec"], old.model["kwargs"]
+        model, model_kwargs = old.model["spec"], model_kwargs or old.model["kwargs"]
         weights = weights or (old.weights or {}).get("source")
         gates = gates or ",".join(old.gates)
-        pooling = Pooling.from_dict(old.pooling)
-        kwargs["preprocess"] = old.preprocess
+        old_pool = Pooling.from_dict(old.pooling)
+        pooling = Pooling.parse(pool or ",".join(map(str, old_pool.sizes)), pool_op or "+".join(old_pool.ops))
+        preprocess = {**old.preprocess, **{k: v for k, v in preprocess.items() if v is not None}}
         splits = {**old.splits, **splits}
-        feature_dtype = old.feature_dtype
+        feature_dtype = feature_dtype or old.feature_dtype
     else:
-        pooling = Pooling.parse(pool, pool_op)
-        kwargs["preprocess"] = {
-            "resize": resize,
-            "crop": crop,
-            "mean": o.float_tuple(mean, "--mean"),
-            "std": o.float_tuple(std, "--std"),
-        }
+        pooling = Pooling.parse(pool or "1", pool_op or "avg")
         if "train" not in splits or "val" not in splits:
             fail("pass --train and --val (the images to fit gates on and to calibrate thresholds on)")
     with progress(enabled=not json) as bar:
@@ -81,11 +78,11 @@ def extract_command(
             device=device,
             batch_size=batch_size,
             workers=workers,
-            feature_dtype=feature_dtype,
+            feature_dtype=feature_dtype or "float32",
             channels_last=channels_last,
             overwrite=overwrite,
             progress=bar,
-            **kwargs,
+            preprocess=preprocess,
         )
     if json:
         print_json(result.to_dict())
