@@ -27,6 +27,10 @@ def bench_command(
     max_drop: Annotated[
         float | None, typer.Option(help="Switch to the stored operating point within this accuracy drop first.", show_default=False)
     ] = None,
+    thresholds: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated thresholds to use instead (inf closes a gate; a huge finite value runs a gate that never lets a sample out).", show_default=False),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).", min=1, show_default=False)] = None,
     json: o.Json = False,
 ) -> None:
@@ -49,6 +53,11 @@ def bench_command(
     model = load(model_dir, device=dev)
     if max_drop is not None:
         model.use_operating_point(max_drop=max_drop)
+    if thresholds is not None:
+        try:
+            model.set_thresholds([float(t) for t in thresholds.split(",")])
+        except ValueError as exc:
+            fail(f"--thresholds: {exc}; give one number (or inf) per gate, e.g. 1.5,inf")
     pre = Preprocess.from_dict(model.manifest["preprocess"])
     ds = open_dataset(data, pre)
     xs, ys = [], []

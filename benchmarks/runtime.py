@@ -1,0 +1,128 @@
+"""Measured speed-up of gated models vs their own backbone, through ``dgate bench``.
+
+Two models:
+  * the calibrated CIFAR ResNet-56 export from the README pipeline (``--r56 DIR``), on CIFAR test;
+  * a torchvision ResNet-50 at 224 px with random weights and random gates after layer1..3, with
+    thresholds set on the images so that about 30% / 20% / 20% of them leave at the three gates
+    (a realistic share; random weights are fine for timing), on CIFAR test images resized to 224.
+
+For each: batch sizes (default 1 and 32), speed-up vs the ideal one the MACs promise, and the
+overhead of gates that run but let nobody out (thresholds above every score).
+
+    python benchmarks/runtime.py --r56 models/r56-gated --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from _common import CIFAR, REPO, emit, require_shared
+from dgate_cli import __version__
+from dgate_cli.data import iterate, make_loader, open_dataset, spread
+from dgate_cli.export import write_export
+from dgate_cli.extract import describe_run
+from dgate_cli.features import Pooling, pool
+from dgate_cli.models import build_backbone
+
+
+def make_resnet50_export(out: Path, data: str, images: int, fractions=(0.3, 0.2, 0.2), seed: int = 0) -> Path:
+    """A gated ResNet-50 export with random weights, exit thresholds set by score quantiles."""
+    torch.manual_seed(seed)
+    bb = build_backbone("resnet50", model_kwargs={"num_classes": 10})
+    pooling = Pooling()
+    ds = open_dataset(data, bb.preprocess)
+    x = torch.cat([b for b, _, _ in iterate(make_loader(ds, 64, indices=spread(len(ds), images)))])
+    x = bb.preprocess.normalize(x)
+    info = describe_run(bb, None, pooling, x[:1])
+    weights = [torch.randn(10, d) / math.sqrt(d) for d in info["feature_sizes"]]
+    biases = [torch.zeros(10) for _ in weights]
+    # thresholds: the score quantile that lets the wanted share of the remaining samples out
+    thresholds, alive = [], torch.ones(x.shape[0], dtype=torch.bool)
+    with torch.inference_mode():
+        h = x
+        left = 1.0
+        for k, stage in enumerate(info["stages"][:-1]):
+            h = stage(h)
+            z = pool(h, pooling, info["layouts"][k]) @ weights[k].t() + biases[k]
+            s = z.topk(2, 1).values
+            s = s[:, 0] - s[:, 1]  # margin
+            share = fractions[k] / left
+            t = float(torch.quantile(s[alive], 1 - share))
+            thresholds.append(t)
+            alive &= s < t
+            left -= fractions[k]
+    cum = torch.tensor([c["macs"] for c in info["costs"]["stages"]], dtype=torch.float64).cumsum(0).tolist()
+    data_ = {
+        "schema_version": 1,
+        "dgate_version": __version__,
+        "model": bb.spec.to_dict(),
+        "gates": [{"name": c.name, "layout": lay, "features": d, "cost": gc} for c, lay, d, gc in zip(info["cuts"], info["layouts"], info["feature_sizes"], info["costs"]["gates"])],
+        "pooling": pooling.to_dict(),
+        "score": "margin",
+        "classes": ds.classes,
+        "preprocess": bb.preprocess.to_dict(),
+        "input_size": int(x.shape[-1]),
+        "thresholds": thresholds,
+        "costs": {"unit": "MACs", "reach": [cum[i] for i in range(len(info["cuts"]))] + [cum[-1]], "gates": info["costs"]["gates"]},
+    }
+    write_export(out, bb.module.state_dict(), weights, biases, data_)
+    return out
+
+
+def dgate_bench(model_dir: Path, data: str, batch_sizes: str, images: int, extra: list[str]) -> list[dict]:
+    cmd = [sys.executable, "-m", "dgate_cli", "bench", str(model_dir), "--data", data, "--batch-size", batch_sizes,
+           "--images", str(images), "--device", "cpu", "--json", *extra]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--r56", type=Path, help="the calibrated CIFAR ResNet-56 export (skipped if not given)")
+    ap.add_argument("--data", default=str(CIFAR / "test"))
+    ap.add_argument("--batch-size", default="1,32")
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--r50-images", type=int, default=128)
+    ap.add_argument("--skip-r50", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    require_shared()
+    rows = []
+    if a.r56:
+        for label, extra in (("resnet56 calibrated", []), ("resnet56 no exits", ["--thresholds", "1e30,1e30"])):
+            for r in dgate_bench(a.r56, a.data, a.batch_size, a.images, extra):
+                rows.append(_row(label, r))
+    if not a.skip_r50:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = make_resnet50_export(Path(tmp) / "r50", a.data, a.r50_images)
+            for label, extra in (("resnet50 30/20/20% exits", []), ("resnet50 no exits", ["--thresholds", "1e30,1e30,1e30"])):
+                for r in dgate_bench(d, a.data, a.batch_size, a.r50_images, extra):
+                    rows.append(_row(label, r))
+    emit(rows, a.json, title=f"dgate bench (CPU): {rows[0]['device'] if rows else ''}")
+
+
+def _row(label: str, r: dict) -> dict:
+    return {
+        "model": label,
+        "batch": r["batch_size"],
+        "backbone_ms": round(r["backbone_ms"], 2),
+        "gated_ms": round(r["gated_ms"], 2),
+        "speedup": round(r["speedup"], 3),
+        "ideal": round(r["ideal_speedup"], 3),
+        "of_ideal": round(r["efficiency"], 3),
+        "flops_ratio": round(r["flops_ratio"], 3),
+        "exits": "/".join(f"{100 * f:.0f}" for f in r["exit_fractions"]),
+        "device": r["device"],
+    }
+
+
+if __name__ == "__main__":
+    main()
