@@ -14,7 +14,7 @@ from ._version import __version__
 from .errors import NotFittedError, SpecError
 from .fit import FittedGates, read_gates
 from .gates import SCORES, gate_scores
-from .thresholds import Frontier, GateOutcomes, OperatingPoint, frontier, search, sequential
+from .thresholds import Frontier, GateOutcomes, OperatingPoint, frontier, search, search_confident, sequential
 
 CALIBRATION_JSON = "calibration.json"
 
@@ -102,6 +102,7 @@ def calibrate(
     score: str | None = None,
     gates: list[str] | None = None,
     polish: bool = True,
+    confidence: float | None = None,
 ) -> CalibrationResult:
     """Choose thresholds with the lowest mean cost such that accuracy on ``split`` reaches the target.
 
@@ -114,6 +115,9 @@ def calibrate(
             ``softmax`` (default for ce gates) or ``entropy``.
         gates: use only these fitted gates (default: all).
         polish: refine the chosen point with pairwise moves.
+        confidence: choose thresholds so that the target holds on new data from the same
+            distribution with this probability (Clopper-Pearson bounds on the calibration split),
+            instead of on the calibration split itself.
 
     Raises:
         TargetUnreachableError: with the best reachable and the backbone's accuracy.
@@ -152,9 +156,13 @@ def calibrate(
             f"calibrating on '{split}', the images the gates were fitted on: thresholds will be optimistic; calibrate on a held-out split"
         )
     oc, _pred = outcomes(config, fitted, data, names, score)
-    target = {"max_drop": max_drop} if max_drop is not None else {"accuracy": target_acc}
+    target: dict[str, Any] = {"max_drop": max_drop} if max_drop is not None else {"accuracy": target_acc}
     goal = oc.backbone_accuracy - max_drop if max_drop is not None else float(target_acc)  # type: ignore[arg-type]
-    chosen = search(oc, goal, polish=polish)
+    if confidence is not None:
+        target["confidence"] = confidence
+        chosen = search_confident(oc, confidence, target_acc=target_acc, max_drop=max_drop)
+    else:
+        chosen = search(oc, goal, polish=polish)
     return _finish(run_dir, split, len(data), names, score, goal, target, oc, chosen, config, warnings, t0)
 
 

@@ -508,3 +508,120 @@ def frontier(oc: GateOutcomes, drops: Sequence[float] = DEFAULT_DROPS, polish: b
         if not kept or p.mean_cost < kept[-1].mean_cost - 1e-9:
             kept.append(p)
     return Frontier(kept)
+
+
+# -- targets that hold on new data with a given probability ------------------------------------------
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), summed in log space."""
+    if k < 0:
+        return 0.0
+    if k >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    i = torch.arange(0, k + 1, dtype=torch.float64)
+    logc = torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1)
+    logp = logc + i * math.log(p) + (n - i) * math.log1p(-p)
+    return float(torch.logsumexp(logp, 0).exp().clamp(max=1.0))
+
+
+def binomial_upper(k: int, n: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson upper bound on p after ``k`` successes in ``n`` trials.
+
+    Example:
+        >>> round(binomial_upper(0, 100, 0.95), 4)  # the "rule of three": about 3/n
+        0.0295
+    """
+    if n == 0 or k >= n:
+        return 1.0
+    lo, hi = k / n, 1.0
+    for _ in range(60):  # P(X <= k | p) decreases in p: find where it equals 1 - confidence
+        mid = (lo + hi) / 2
+        if _binom_cdf(k, n, mid) > 1 - confidence:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def binomial_lower(k: int, n: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson lower bound on p after ``k`` successes in ``n`` trials."""
+    return 1.0 - binomial_upper(n - k, n, confidence) if n else 0.0
+
+
+def _least_count(n: int, target: float, confidence: float) -> int | None:
+    """The fewest correct samples out of ``n`` whose lower bound reaches ``target`` (None: none do)."""
+    if binomial_lower(n, n, confidence) < target:
+        return None
+    lo, hi = 0, n  # binomial_lower is increasing in k
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if binomial_lower(mid, n, confidence) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def drop_upper_bound(oc: GateOutcomes, thresholds: Sequence[float], confidence: float) -> float:
+    """An upper bound, holding with probability ``confidence``, on the accuracy drop below the backbone.
+
+    Only discordant samples move the drop: ``lost`` (backbone right, gated wrong) and ``gained``
+    (the reverse). Given their number ``m``, ``lost`` is binomial, so the drop
+    ``(lost - gained) / N = (2 p - 1) m / N`` is bounded with the Clopper-Pearson bound on ``p``.
+    """
+    e = oc.exits(thresholds)
+    gated = oc.all_correct().gather(1, e[:, None]).squeeze(1)
+    lost = int((oc.final_correct & ~gated).sum())
+    gained = int((~oc.final_correct & gated).sum())
+    m = lost + gained
+    if m == 0:
+        return 0.0
+    return (2 * binomial_upper(lost, m, confidence) - 1) * m / oc.num_samples
+
+
+def search_confident(oc: GateOutcomes, confidence: float, target_acc: float | None = None, max_drop: float | None = None) -> OperatingPoint:
+    """The cheapest thresholds whose target holds on new data with probability ``confidence``.
+
+    ``target_acc``: the Clopper-Pearson lower bound of the gated accuracy reaches it (an exact
+    count of correct samples). ``max_drop``: the bound of :func:`drop_upper_bound` stays within it;
+    found by bisection over the nominal drop.
+
+    Raises:
+        TargetUnreachableError: if even the backbone alone cannot be shown to meet the target.
+    """
+    if not 0.5 <= confidence < 1.0:
+        raise SpecError(f"--confidence must be in [0.5, 1), got {confidence}; 0.95 is usual")
+    n = oc.num_samples
+    if target_acc is not None:
+        need = _least_count(n, target_acc, confidence)
+        best = max_accuracy(oc)
+        if need is None or best.accuracy * n < need:
+            raise TargetUnreachableError(
+                f"accuracy {target_acc:.4f} cannot be guaranteed with confidence {confidence} on {n} calibration samples "
+                f"(best reachable {best.accuracy:.4f}, backbone {oc.backbone_accuracy:.4f}); lower the target or the confidence",
+                best_accuracy=best.accuracy,
+                backbone_accuracy=oc.backbone_accuracy,
+            )
+        return _with_target(search(oc, need / n), target_acc)
+    if max_drop is None:
+        raise SpecError("give target_acc or max_drop")
+    closed = tuple([INF] * oc.num_gates)
+    path = _Searcher(oc).lagrangian_path()
+    lo, hi = -0.05, max_drop  # nominal drops: the answer lies between
+    best_t: tuple[float, ...] = closed
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        try:
+            p = search(oc, oc.backbone_accuracy - mid, polish=False, _path=path)
+        except TargetUnreachableError:
+            lo = mid
+            continue
+        if drop_upper_bound(oc, p.thresholds, confidence) <= max_drop:
+            lo, best_t = mid, p.thresholds
+        else:
+            hi = mid
+    point = oc.evaluate(best_t)
+    return _with_target(point, oc.backbone_accuracy - max_drop)

@@ -26,6 +26,10 @@ def calibrate_command(
         str | None, typer.Option(help="Exit rule: max (largest distance), margin, softmax or entropy. Default: max for hinge gates, softmax for ce.", show_default=False)
     ] = None,
     gates: o.Gates = None,
+    confidence: Annotated[
+        float | None,
+        typer.Option(help="Make the target hold on new data with this probability (e.g. 0.95; binomial bounds), not just on the calibration split.", show_default=False),
+    ] = None,
     plot: Annotated[Path | None, typer.Option(help="Draw the accuracy/cost frontier to this PNG (needs matplotlib).", show_default=False)] = None,
     json: o.Json = False,
 ) -> None:
@@ -37,7 +41,7 @@ def calibrate_command(
 
     Example: dgate calibrate runs/r56 --max-drop 0.01   or   dgate calibrate runs/r56 --target-acc 0.93
     """
-    result = calibrate(run_dir, target_acc=target_acc, max_drop=max_drop, split=split, score=score, gates=o.split_list(gates))
+    result = calibrate(run_dir, target_acc=target_acc, max_drop=max_drop, split=split, score=score, gates=o.split_list(gates), confidence=confidence)
     if plot is not None:
         plot_frontiers(
             {f"d-gates ({result.score})": [(p.cost_ratio, p.accuracy) for p in result.frontier.points]},
