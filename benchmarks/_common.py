@@ -16,7 +16,9 @@ CHECKPOINTS = SHARED / "checkpoints" / "cifar-resnet"
 
 def require_shared() -> None:
     if not CIFAR.is_dir():
-        sys.exit(f"real data not found at {SHARED}; set DGATE_SHARED_DATA to the folder with cifar10-jpeg/ and checkpoints/")
+        sys.exit(
+            f"real data not found at {SHARED}; set DGATE_SHARED_DATA to the folder with cifar10-jpeg/ and checkpoints/"
+        )
 
 
 def emit(rows: list[dict[str, Any]], as_json: bool, title: str = "") -> None:

@@ -16,15 +16,17 @@ import tempfile
 import time
 
 import torch
-
 from _common import CHECKPOINTS, emit
+
 from dgate_cli._device import describe, resolve_device
 from dgate_cli.data import iterate, make_loader, open_dataset
 from dgate_cli.extract import extract
 from dgate_cli.models import build_backbone
 
 
-def bare_loop(model: str, weights: str | None, data: str, device: torch.device, batch_size: int, workers: int | None) -> tuple[float, int]:
+def bare_loop(
+    model: str, weights: str | None, data: str, device: torch.device, batch_size: int, workers: int | None
+) -> tuple[float, int]:
     bb = build_backbone(model, weights=weights)
     module = bb.module.to(device).to(memory_format=torch.channels_last)
     ds = open_dataset(data, bb.preprocess)
@@ -32,7 +34,9 @@ def bare_loop(model: str, weights: str | None, data: str, device: torch.device, 
     n = 0
     with torch.inference_mode():
         for images, _labels, _idx in iterate(make_loader(ds, batch_size, workers, pin_memory=device.type == "cuda")):
-            x = bb.preprocess.normalize(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+            x = bb.preprocess.normalize(images.to(device, non_blocking=True)).contiguous(
+                memory_format=torch.channels_last
+            )
             module(x).float().cpu()
             n += images.shape[0]
     return time.perf_counter() - t0, n
@@ -57,7 +61,15 @@ def main() -> None:
         tmp = tempfile.mkdtemp(prefix="dgate-bench-")
         try:
             t0 = time.perf_counter()
-            res = extract(tmp, a.model, {"train": a.data}, weights=weights, device=a.device, batch_size=a.batch_size, workers=a.workers)
+            res = extract(
+                tmp,
+                a.model,
+                {"train": a.data},
+                weights=weights,
+                device=a.device,
+                batch_size=a.batch_size,
+                workers=a.workers,
+            )
             te = time.perf_counter() - t0
             loop = res.splits["train"].seconds
         finally:
@@ -75,8 +87,17 @@ def main() -> None:
         )
     total_bare = sum(x["images"] / x["bare_img_s"] for x in rows)
     total_ext = sum(x["images"] / x["extract_img_s"] for x in rows)
-    rows.append({"repeat": "all", "images": sum(x["images"] for x in rows), "bare_img_s": sum(x["images"] for x in rows) / total_bare,
-                 "extract_img_s": sum(x["images"] for x in rows) / total_ext, "ratio": total_bare / total_ext, "extract_total_s": "", "setup_s": ""})
+    rows.append(
+        {
+            "repeat": "all",
+            "images": sum(x["images"] for x in rows),
+            "bare_img_s": sum(x["images"] for x in rows) / total_bare,
+            "extract_img_s": sum(x["images"] for x in rows) / total_ext,
+            "ratio": total_bare / total_ext,
+            "extract_total_s": "",
+            "setup_s": "",
+        }
+    )
     emit(rows, a.json, title=f"{a.model} on {a.data}, batch {a.batch_size}, device {describe(dev)}")
 
 

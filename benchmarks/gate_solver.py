@@ -16,8 +16,8 @@ import time
 import warnings
 
 import torch
-
 from _common import emit
+
 from dgate_cli.cache import load_split, read_run
 from dgate_cli.gates import LinearGate
 
@@ -74,7 +74,17 @@ def main() -> None:
         cfg = read_run(a.run)
         for g in cfg.gates:
             tr, va = load_split(a.run, "train", gates=[g]), load_split(a.run, "val", gates=[g])
-            rows.append(compare(f"{g} ({cfg.model['spec']})", tr.features[g], tr.labels, va.features[g], va.labels, a.C, cfg.num_classes))
+            rows.append(
+                compare(
+                    f"{g} ({cfg.model['spec']})",
+                    tr.features[g],
+                    tr.labels,
+                    va.features[g],
+                    va.labels,
+                    a.C,
+                    cfg.num_classes,
+                )
+            )
     # one gate on 50,000 x 4,096 features (10 classes, a linear signal in noise), ours only
     g = torch.Generator().manual_seed(0)
     n, d, K = 50_000, 4_096, 10
@@ -84,11 +94,24 @@ def main() -> None:
     t0 = time.perf_counter()
     gate = LinearGate(loss="hinge", C=a.C, max_iter=500).fit(X, y, num_classes=K)
     rows.append(
-        {"case": "synthetic 50000 x 4096, dgate only", "n": n, "d": d, "C": a.C, "acc_dgate": round(gate.score(X, y), 4),
-         "acc_sklearn": "", "agreement": "", "objective_ratio": "", "s_dgate": round(time.perf_counter() - t0, 2), "s_sklearn": "",
-         "speedup": "", "iterations": gate.n_iter_}
+        {
+            "case": "synthetic 50000 x 4096, dgate only",
+            "n": n,
+            "d": d,
+            "C": a.C,
+            "acc_dgate": round(gate.score(X, y), 4),
+            "acc_sklearn": "",
+            "agreement": "",
+            "objective_ratio": "",
+            "s_dgate": round(time.perf_counter() - t0, 2),
+            "s_sklearn": "",
+            "speedup": "",
+            "iterations": gate.n_iter_,
+        }
     )
-    emit(rows, a.json, title=f"hinge gate solver vs sklearn LinearSVC(squared_hinge), {torch.get_num_threads()} threads")
+    emit(
+        rows, a.json, title=f"hinge gate solver vs sklearn LinearSVC(squared_hinge), {torch.get_num_threads()} threads"
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from _common import CIFAR, REPO, emit, require_shared
+
 from dgate_cli import __version__
 from dgate_cli.data import iterate, make_loader, open_dataset, spread
 from dgate_cli.export import write_export
@@ -64,22 +64,44 @@ def make_resnet50_export(out: Path, data: str, images: int, fractions=(0.3, 0.2,
         "schema_version": 1,
         "dgate_version": __version__,
         "model": bb.spec.to_dict(),
-        "gates": [{"name": c.name, "layout": lay, "features": d, "cost": gc} for c, lay, d, gc in zip(info["cuts"], info["layouts"], info["feature_sizes"], info["costs"]["gates"])],
+        "gates": [
+            {"name": c.name, "layout": lay, "features": d, "cost": gc}
+            for c, lay, d, gc in zip(info["cuts"], info["layouts"], info["feature_sizes"], info["costs"]["gates"])
+        ],
         "pooling": pooling.to_dict(),
         "score": "margin",
         "classes": ds.classes,
         "preprocess": bb.preprocess.to_dict(),
         "input_size": int(x.shape[-1]),
         "thresholds": thresholds,
-        "costs": {"unit": "MACs", "reach": [cum[i] for i in range(len(info["cuts"]))] + [cum[-1]], "gates": info["costs"]["gates"]},
+        "costs": {
+            "unit": "MACs",
+            "reach": [cum[i] for i in range(len(info["cuts"]))] + [cum[-1]],
+            "gates": info["costs"]["gates"],
+        },
     }
     write_export(out, bb.module.state_dict(), weights, biases, data_)
     return out
 
 
 def dgate_bench(model_dir: Path, data: str, batch_sizes: str, images: int, extra: list[str]) -> list[dict]:
-    cmd = [sys.executable, "-m", "dgate_cli", "bench", str(model_dir), "--data", data, "--batch-size", batch_sizes,
-           "--images", str(images), "--device", "cpu", "--json", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dgate_cli",
+        "bench",
+        str(model_dir),
+        "--data",
+        data,
+        "--batch-size",
+        batch_sizes,
+        "--images",
+        str(images),
+        "--device",
+        "cpu",
+        "--json",
+        *extra,
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
     return json.loads(out.stdout)
 
@@ -103,7 +125,10 @@ def main() -> None:
     if not a.skip_r50:
         with tempfile.TemporaryDirectory() as tmp:
             d = make_resnet50_export(Path(tmp) / "r50", a.data, a.r50_images)
-            for label, extra in (("resnet50 30/20/20% exits", []), ("resnet50 no exits", ["--thresholds", "1e30,1e30,1e30"])):
+            for label, extra in (
+                ("resnet50 30/20/20% exits", []),
+                ("resnet50 no exits", ["--thresholds", "1e30,1e30,1e30"]),
+            ):
                 for r in dgate_bench(d, a.data, a.batch_size, a.r50_images, extra):
                     rows.append(_row(label, r))
     emit(rows, a.json, title=f"dgate bench (CPU): {rows[0]['device'] if rows else ''}")

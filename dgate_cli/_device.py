@@ -25,7 +25,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise SpecError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise SpecError(f"--device {device} but torch sees no CUDA device (torch {torch.__version__}); use --device cpu")
+            raise SpecError(
+                f"--device {device} but torch sees no CUDA device (torch {torch.__version__}); use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise SpecError(f"--device {device} but only {torch.cuda.device_count()} CUDA device(s) exist; use cuda:0")
     return dev

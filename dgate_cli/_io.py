@@ -63,7 +63,9 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.load(f)
 
 
-def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Save tensors as safetensors atomically (contiguous CPU copies, no shared storage)."""
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path) as tmp:

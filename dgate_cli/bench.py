@@ -100,7 +100,9 @@ def bench(
     model.eval()
     costs = torch.tensor(model.exit_costs(), dtype=torch.float64)
     backbone_cost = float(model.reach_costs[-1])  # type: ignore[index]
-    result = BenchResult(describe(device), _machine(device), torch.__version__, list(model.thresholds), [*model.gate_names, "backbone"])
+    result = BenchResult(
+        describe(device), _machine(device), torch.__version__, list(model.thresholds), [*model.gate_names, "backbone"]
+    )
     n = images.shape[0]
     for b in batch_sizes:
         nb = max(min_batches, n // b)
@@ -115,7 +117,7 @@ def bench(
             t_g: list[float] = []
             exits = []
             for i, x in enumerate(batches):
-                order = (("g", "b") if i % 2 == 0 else ("b", "g"))
+                order = ("g", "b") if i % 2 == 0 else ("b", "g")
                 for which in order:
                     sync(device)
                     t0 = time.perf_counter()

@@ -240,7 +240,9 @@ class SplitWriter:
         self._future = self._pool.submit(self._write, shard, entry)
 
     def _write(self, shard: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
-        _io.save_tensors(self.dir / entry["file"], shard, metadata={"dgate_version": __version__, "start": str(entry["start"])})
+        _io.save_tensors(
+            self.dir / entry["file"], shard, metadata={"dgate_version": __version__, "start": str(entry["start"])}
+        )
         self.index.shards.append(entry)
         write_index(self.run_dir, self.split, self.index)
 
@@ -310,13 +312,19 @@ def load_split(
     index = read_index(run_dir, split)
     if index is None or not index.complete:
         state = "is incomplete" if index else "was not extracted"
-        raise NotFittedError(f"split '{split}' of {run_dir} {state}; run `dgate extract {run_dir} --{split} DATA` first")
+        raise NotFittedError(
+            f"split '{split}' of {run_dir} {state}; run `dgate extract {run_dir} --{split} DATA` first"
+        )
     if index.identity != config.identity():
-        raise CacheMismatchError(f"split '{split}' of {run_dir} was extracted with other settings; run `dgate extract` again")
+        raise CacheMismatchError(
+            f"split '{split}' of {run_dir} was extracted with other settings; run `dgate extract` again"
+        )
     wanted = list(config.gates if gates is None else gates)
     unknown = [g for g in wanted if g not in config.gates]
     if unknown:
-        raise CacheMismatchError(f"gate {unknown[0]} is not in the cache of {run_dir} (it has {', '.join(config.gates)}); extract it first")
+        raise CacheMismatchError(
+            f"gate {unknown[0]} is not in the cache of {run_dir} (it has {', '.join(config.gates)}); extract it first"
+        )
     keys = ["logits", "labels", "index"] + ([feature_key(g) for g in wanted] if with_features else [])
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     d = split_dir(run_dir, split)
@@ -329,7 +337,9 @@ def load_split(
                 for k in keys:
                     parts[k].append(f.get_tensor(k))
         except (SafetensorError, OSError) as exc:
-            raise CacheMismatchError(f"{path} is corrupt ({exc}); run `dgate extract {run_dir}` again to rebuild it") from exc
+            raise CacheMismatchError(
+                f"{path} is corrupt ({exc}); run `dgate extract {run_dir}` again to rebuild it"
+            ) from exc
         if on_shard:
             on_shard(i + 1, len(index.shards))
     cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}

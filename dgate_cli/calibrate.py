@@ -29,7 +29,9 @@ def gate_costs(config: cache.RunConfig, names: list[str]) -> torch.Tensor:
     return torch.tensor([config.costs["gates"][config.gates.index(n)] for n in names], dtype=torch.float64)
 
 
-def outcomes(config: cache.RunConfig, gates: FittedGates, split: cache.SplitFeatures, names: list[str], score: str) -> tuple[GateOutcomes, torch.Tensor]:
+def outcomes(
+    config: cache.RunConfig, gates: FittedGates, split: cache.SplitFeatures, names: list[str], score: str
+) -> tuple[GateOutcomes, torch.Tensor]:
     """Per-sample scores and correctness at each gate, and the ``(N, G)`` gate predictions."""
     scores, preds = [], []
     for n in names:
@@ -87,7 +89,12 @@ class CalibrationResult:
             "chosen": self.chosen.to_dict(),
             "sequential": self.sequential.to_dict(),
             "frontier": self.frontier.to_list(),
-            "costs": {"unit": self.unit, "reach": self.reach_costs, "gates": self.gate_costs, "backbone": self.backbone_cost},
+            "costs": {
+                "unit": self.unit,
+                "reach": self.reach_costs,
+                "gates": self.gate_costs,
+                "backbone": self.backbone_cost,
+            },
             "seconds": round(self.seconds, 3),
             "warnings": self.warnings,
         }
@@ -143,11 +150,15 @@ def calibrate(
     names = gates or fitted.names
     unknown = [n for n in names if n not in fitted.names]
     if unknown:
-        raise SpecError(f"gate {unknown[0]} was not fitted in {run_dir} (fitted: {', '.join(fitted.names)}); pass some of those")
+        raise SpecError(
+            f"gate {unknown[0]} was not fitted in {run_dir} (fitted: {', '.join(fitted.names)}); pass some of those"
+        )
     names = [n for n in fitted.names if n in names]  # execution order
     index = cache.read_index(run_dir, split)
     if index is None or not index.complete:
-        raise NotFittedError(f"split '{split}' of {run_dir} was not extracted; run `dgate extract {run_dir} --{split} DATA` first")
+        raise NotFittedError(
+            f"split '{split}' of {run_dir} was not extracted; run `dgate extract {run_dir} --{split} DATA` first"
+        )
     data = cache.load_split(run_dir, split, gates=names)
     warnings = []
     train_index = cache.read_index(run_dir, "train")
@@ -217,5 +228,7 @@ def read_calibration(run_dir: str | Path) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise NotFittedError(f"{path} is corrupt ({exc}); run `dgate calibrate {run_dir}` again") from exc
     if not isinstance(data, dict) or data.get("identity") != cache.read_run(run_dir).identity():
-        raise NotFittedError(f"the thresholds in {run_dir} belong to an older cache; run `dgate calibrate {run_dir}` again")
+        raise NotFittedError(
+            f"the thresholds in {run_dir} belong to an older cache; run `dgate calibrate {run_dir}` again"
+        )
     return data

@@ -54,7 +54,7 @@ def parse_data_spec(spec: str | os.PathLike[str]) -> DataSpec:
     """
     s = str(spec)
     if s.startswith("cifar10:"):
-        root, _, split = s[len("cifar10:"):].rpartition(":")
+        root, _, split = s[len("cifar10:") :].rpartition(":")
         if split not in ("train", "test") or not root:
             raise DataError(f"data spec '{s}' must look like cifar10:ROOT:train or cifar10:ROOT:test")
         return DataSpec("cifar10", root, split)
@@ -81,14 +81,18 @@ class FolderDataset(ImageDataset):
     def __init__(self, spec: DataSpec, preprocess: Preprocess):
         root = Path(spec.root)
         if not root.is_dir():
-            raise MissingFileError(f"data directory {root} does not exist; pass an ImageFolder directory (ROOT/<class>/<image>)")
+            raise MissingFileError(
+                f"data directory {root} does not exist; pass an ImageFolder directory (ROOT/<class>/<image>)"
+            )
         try:
             classes, class_to_idx = find_classes(str(root))
         except FileNotFoundError as exc:
             raise DataError(f"{root} has no class sub-directories; lay images out as {root}/<class>/<image>") from exc
         samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
         if not samples:
-            raise DataError(f"{root} has no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) in its class folders; check the path")
+            raise DataError(
+                f"{root} has no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) in its class folders; check the path"
+            )
         self.spec = spec
         self.root = root
         self.classes = classes

@@ -32,7 +32,9 @@ _HUES = torch.tensor(
 def _masks(cls: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """One binary shape mask (N, S, S) per class index, with random position and size."""
     n = cls.shape[0]
-    yy, xx = torch.meshgrid(torch.arange(SIZE, dtype=torch.float32), torch.arange(SIZE, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(SIZE, dtype=torch.float32), torch.arange(SIZE, dtype=torch.float32), indexing="ij"
+    )
     cx = 16 + (torch.rand(n, generator=g) - 0.5) * 10
     cy = 16 + (torch.rand(n, generator=g) - 0.5) * 10
     r = 6 + torch.rand(n, generator=g) * 5
@@ -112,7 +114,11 @@ class _Block(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if stride != 1 or cin != cout else nn.Identity()
+        self.down = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -64,7 +64,10 @@ class EvaluateResult:
             "flops_ratio": self.flops_ratio,
             "flops_reduction": 1 - self.flops_ratio,
             "exit_fractions": dict(zip(self.exit_names, self.exit_fractions, strict=True)),
-            "per_class_exits": {c: dict(zip(self.exit_names, row, strict=True)) for c, row in zip(self.classes, self.per_class_exits, strict=True)},
+            "per_class_exits": {
+                c: dict(zip(self.exit_names, row, strict=True))
+                for c, row in zip(self.classes, self.per_class_exits, strict=True)
+            },
             "thresholds": [t if t != float("inf") else "inf" for t in self.thresholds],
             "device": self.device,
             "seconds": round(self.seconds, 3),
@@ -102,7 +105,9 @@ def evaluate(
     costs = torch.tensor(model.exit_costs(), dtype=torch.float64)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("index", "label", "pred", "exit", "backbone_pred")}
     done = 0
-    for images, labels, index in iterate(make_loader(ds, batch_size, workers, pin_memory=dev.type == "cuda", indices=subset)):
+    for images, labels, index in iterate(
+        make_loader(ds, batch_size, workers, pin_memory=dev.type == "cuda", indices=subset)
+    ):
         x = pre.normalize(images.to(dev, non_blocking=True))
         out = model(x)
         parts["backbone_pred"].append(model.backbone_forward(x).argmax(1).cpu())

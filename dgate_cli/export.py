@@ -52,7 +52,9 @@ def export(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False)
     fitted = read_gates(run_dir)
     calib = read_calibration(run_dir)
     if calib.get("gates_sha256") and calib["gates_sha256"] != _io.sha256_file(run_dir / "gates.safetensors"):
-        raise CacheMismatchError(f"the gates in {run_dir} were refitted after calibration; run `dgate calibrate {run_dir}` again")
+        raise CacheMismatchError(
+            f"the gates in {run_dir} were refitted after calibration; run `dgate calibrate {run_dir}` again"
+        )
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / manifest.MANIFEST).is_file():
         raise MissingFileError(f"{out_dir} exists and is not a dgate export; choose a new or empty --out directory")
     if (out_dir / manifest.MANIFEST).is_file() and not overwrite:
@@ -72,7 +74,12 @@ def export(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False)
         "weights": {"file": manifest.WEIGHTS, "sha256": ""},
         "source_weights": config.weights,
         "gates": [
-            {"name": n, "layout": config.layouts[i], "features": config.feature_sizes[i], "cost": calib["costs"]["gates"][k]}
+            {
+                "name": n,
+                "layout": config.layouts[i],
+                "features": config.feature_sizes[i],
+                "cost": calib["costs"]["gates"][k],
+            }
             for k, (n, i) in enumerate(zip(names, idx, strict=True))
         ],
         "pooling": config.pooling,
@@ -83,12 +90,24 @@ def export(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False)
         "preprocess": config.preprocess,
         "input_size": config.input_size,
         "thresholds": calib["chosen"]["thresholds"],
-        "costs": {"unit": calib["costs"]["unit"], "reach": calib["costs"]["reach"], "gates": calib["costs"]["gates"], "stages": config.costs["stages"]},
-        "calibration": {k: calib[k] for k in ("split", "num_samples", "target", "target_accuracy", "backbone_accuracy", "chosen", "sequential")},
+        "costs": {
+            "unit": calib["costs"]["unit"],
+            "reach": calib["costs"]["reach"],
+            "gates": calib["costs"]["gates"],
+            "stages": config.costs["stages"],
+        },
+        "calibration": {
+            k: calib[k]
+            for k in ("split", "num_samples", "target", "target_accuracy", "backbone_accuracy", "chosen", "sequential")
+        },
         "frontier": calib["frontier"],
     }
     return write_export(
-        out_dir, backbone.module.state_dict(), [fitted.weights[n] for n in names], [fitted.biases[n] for n in names], data
+        out_dir,
+        backbone.module.state_dict(),
+        [fitted.weights[n] for n in names],
+        [fitted.biases[n] for n in names],
+        data,
     )
 
 
@@ -113,7 +132,11 @@ def write_export(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=_io.INCOMPLETE_SUFFIX, dir=out_dir.parent))
     try:
-        _io.save_tensors(tmp / manifest.WEIGHTS, tensors, metadata={"format": "dgate", "schema_version": str(manifest.SCHEMA_VERSION)})
+        _io.save_tensors(
+            tmp / manifest.WEIGHTS,
+            tensors,
+            metadata={"format": "dgate", "schema_version": str(manifest.SCHEMA_VERSION)},
+        )
         data["weights"]["sha256"] = _io.sha256_file(tmp / manifest.WEIGHTS)
         manifest.validate(data)
         _io.write_json(tmp / manifest.MANIFEST, data)
@@ -128,7 +151,11 @@ def write_export(
 
 
 def load(
-    directory: str | Path, device: str | torch.device = "cpu", verify: bool = True, channels_last: bool = True, fuse: bool = True
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+    channels_last: bool = True,
+    fuse: bool = True,
 ) -> GatedModel:
     """Load an exported gated model.
 
@@ -153,18 +180,24 @@ def load(
     if not wpath.is_file():
         raise ManifestError(f"{wpath} is missing; re-export the model with `dgate export`")
     if verify and _io.sha256_file(wpath) != data["weights"]["sha256"]:
-        raise ManifestError(f"{wpath} does not match the sha256 in {manifest.MANIFEST} (modified or corrupted); re-export the model")
+        raise ManifestError(
+            f"{wpath} does not match the sha256 in {manifest.MANIFEST} (modified or corrupted); re-export the model"
+        )
     try:
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ManifestError(f"{wpath} is not a readable safetensors file ({exc}); re-export the model") from exc
-    backbone = build_backbone(data["model"]["spec"], model_kwargs=data["model"]["kwargs"], input_size=data["input_size"])
-    state = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    backbone = build_backbone(
+        data["model"]["spec"], model_kwargs=data["model"]["kwargs"], input_size=data["input_size"]
+    )
+    state = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
     load_into(backbone.module, state, str(backbone.spec), str(wpath))
     names = [g["name"] for g in data["gates"]]
     cuts = backbone.graph.resolve(names)
     if [c.name for c in cuts] != names:
-        raise ManifestError(f"{directory}: gates {names} do not resolve in execution order in {backbone.spec}; re-export the model")
+        raise ManifestError(
+            f"{directory}: gates {names} do not resolve in execution order in {backbone.spec}; re-export the model"
+        )
     stages = backbone.graph.split(cuts)
     if fuse:
         with torch.no_grad():

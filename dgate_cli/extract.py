@@ -85,7 +85,9 @@ def _example_input(dataset: ImageDataset, backbone: Backbone) -> torch.Tensor:
     return backbone.preprocess.normalize(image.unsqueeze(0))
 
 
-def describe_run(backbone: Backbone, gates: list[str] | None, pooling: Pooling, example: torch.Tensor) -> dict[str, Any]:
+def describe_run(
+    backbone: Backbone, gates: list[str] | None, pooling: Pooling, example: torch.Tensor
+) -> dict[str, Any]:
     """Resolve gates, probe stage shapes and layouts, and count stage and gate costs."""
     cuts = backbone.resolve_gates(gates)
     stages = backbone.graph.split(cuts)
@@ -94,7 +96,9 @@ def describe_run(backbone: Backbone, gates: list[str] | None, pooling: Pooling, 
     layouts = [layout_of(o, backbone.family.channels_last) for o in outs[:-1]]
     for cut, lay in zip(cuts, layouts, strict=True):
         if lay == "unsupported":
-            raise SpecError(f"gate position '{cut.name}' outputs a {outs[cuts.index(cut)].dim()}-d tensor; choose a position with 2-, 3- or 4-d output")
+            raise SpecError(
+                f"gate position '{cut.name}' outputs a {outs[cuts.index(cut)].dim()}-d tensor; choose a position with 2-, 3- or 4-d output"
+            )
     with torch.inference_mode():
         feats = [pool(o, pooling, lay) for o, lay in zip(outs, layouts)]
     num_classes = int(outs[-1].shape[-1])
@@ -292,7 +296,9 @@ def _extract_split(
         cached = cache.load_split(run_dir, split, with_features=False)
         if progress:
             progress(split, len(cached), len(cached))
-        return SplitSummary(split, str(dataset.spec), len(cached), cached.backbone_accuracy, time.perf_counter() - t0, reused=True)
+        return SplitSummary(
+            split, str(dataset.spec), len(cached), cached.backbone_accuracy, time.perf_counter() - t0, reused=True
+        )
     if index is None:
         cache.reset_split(run_dir, split)
         index = cache.SplitIndex(identity, str(dataset.spec), fingerprint, len(dataset), shard_size, config.classes)

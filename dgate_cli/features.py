@@ -98,7 +98,9 @@ def _as_grid(x: torch.Tensor, layout: str) -> torch.Tensor:
             side = math.isqrt(length - drop)
             if side * side == length - drop and side > 0:
                 return x[:, drop:].transpose(1, 2).reshape(n, c, side, side)
-        raise SpecError(f"cannot pool {length} tokens to a grid; use --pool 1 for token outputs that form no square grid")
+        raise SpecError(
+            f"cannot pool {length} tokens to a grid; use --pool 1 for token outputs that form no square grid"
+        )
     raise SpecError(f"cannot pool a stage output of layout {layout}; choose another gate position")
 
 

@@ -167,7 +167,9 @@ def fit(
             chosen = C
         gate = LinearGate(loss=loss, C=chosen, max_iter=max_iter, device=str(dev)).fit(X, y, num_classes=K)
         if gate.n_iter_ >= max_iter:
-            notes.append(f"gate {name}: L-BFGS stopped at --max-iter {max_iter}; its fit may be improved by more iterations")
+            notes.append(
+                f"gate {name}: L-BFGS stopped at --max-iter {max_iter}; its fit may be improved by more iterations"
+            )
         W, b = gate.folded()
         tensors[f"{name}.weight"] = W
         tensors[f"{name}.bias"] = b
@@ -220,9 +222,13 @@ def read_gates(run_dir: str | Path) -> FittedGates:
         meta = _io.read_json(meta_path)
         tensors = load_file(str(tensor_path))
     except (ValueError, SafetensorError, OSError) as exc:
-        raise CacheMismatchError(f"the gates in {run_dir} are unreadable ({exc}); run `dgate fit {run_dir}` again") from exc
+        raise CacheMismatchError(
+            f"the gates in {run_dir} are unreadable ({exc}); run `dgate fit {run_dir}` again"
+        ) from exc
     if meta.get("identity") != config.identity():
-        raise CacheMismatchError(f"the gates in {run_dir} were fitted on an older cache; run `dgate fit {run_dir}` again")
+        raise CacheMismatchError(
+            f"the gates in {run_dir} were fitted on an older cache; run `dgate fit {run_dir}` again"
+        )
     names = [g["gate"] for g in meta["gates"]]
     missing = [n for n in names if f"{n}.weight" not in tensors]
     if missing:

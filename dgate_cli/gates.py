@@ -41,7 +41,11 @@ def gate_scores(outputs: torch.Tensor, score: str) -> tuple[torch.Tensor, torch.
         s, p = outputs.max(1)
         return s, p
     if score == "margin":
-        top = outputs.topk(2, dim=1).values if outputs.shape[1] > 1 else torch.cat([outputs, outputs.new_full(outputs.shape, -math.inf)], 1)
+        top = (
+            outputs.topk(2, dim=1).values
+            if outputs.shape[1] > 1
+            else torch.cat([outputs, outputs.new_full(outputs.shape, -math.inf)], 1)
+        )
         return top[:, 0] - top[:, 1], outputs.argmax(1)
     logp = F.log_softmax(outputs.float(), dim=1)
     if score == "softmax":
@@ -84,7 +88,15 @@ class LinearGate:
         True
     """
 
-    def __init__(self, loss: str = "hinge", C: float = 1.0, max_iter: int = 500, tol: float = 1e-5, standardize: bool = True, device: str = "cpu"):
+    def __init__(
+        self,
+        loss: str = "hinge",
+        C: float = 1.0,
+        max_iter: int = 500,
+        tol: float = 1e-5,
+        standardize: bool = True,
+        device: str = "cpu",
+    ):
         self.loss = loss
         self.C = C
         self.max_iter = max_iter
@@ -93,7 +105,9 @@ class LinearGate:
         self.device = device
 
     # -- fitting ----------------------------------------------------------------------------------
-    def fit(self, X: torch.Tensor, y: torch.Tensor, num_classes: int | None = None, init: LinearGate | None = None) -> LinearGate:
+    def fit(
+        self, X: torch.Tensor, y: torch.Tensor, num_classes: int | None = None, init: LinearGate | None = None
+    ) -> LinearGate:
         """Fit on features ``X`` (N, D) and integer targets ``y`` (N,); returns ``self``.
 
         Args:
@@ -102,7 +116,9 @@ class LinearGate:
         """
         _check_params(self.loss, self.C)
         if X.dim() != 2 or y.dim() != 1 or X.shape[0] != y.shape[0]:
-            raise SpecError(f"LinearGate.fit needs X of shape (N, D) and y of shape (N,); got {tuple(X.shape)} and {tuple(y.shape)}")
+            raise SpecError(
+                f"LinearGate.fit needs X of shape (N, D) and y of shape (N,); got {tuple(X.shape)} and {tuple(y.shape)}"
+            )
         if X.shape[0] == 0:
             raise SpecError("LinearGate.fit got no samples; check the split")
         t0 = time.perf_counter()
@@ -140,7 +156,13 @@ class LinearGate:
                 return F.cross_entropy(torch.addmm(b, Xd, W), yd, reduction="sum") / n + 0.5 * reg * W.pow(2).sum()
 
         opt = torch.optim.LBFGS(
-            [W, b], lr=1.0, max_iter=self.max_iter, tolerance_grad=self.tol, tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe"
+            [W, b],
+            lr=1.0,
+            max_iter=self.max_iter,
+            tolerance_grad=self.tol,
+            tolerance_change=1e-12,
+            history_size=20,
+            line_search_fn="strong_wolfe",
         )
 
         def closure() -> torch.Tensor:
@@ -165,7 +187,9 @@ class LinearGate:
     # -- inference --------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
         if getattr(self, "coef_", None) is None:
-            raise NotFittedError("This LinearGate instance is not fitted yet. Call 'fit' with appropriate arguments before using this estimator.")
+            raise NotFittedError(
+                "This LinearGate instance is not fitted yet. Call 'fit' with appropriate arguments before using this estimator."
+            )
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights ``(K, D)`` and bias ``(K,)`` on raw features (standardisation folded in)."""

@@ -57,12 +57,16 @@ def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
         if key not in data:
             raise ManifestError(f"{source} lacks the required key '{key}'; re-export the model with `dgate export`")
         if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
-            raise ManifestError(f"{source}: '{key}' must be {kind.__name__}, got {type(data[key]).__name__}; re-export the model")
+            raise ManifestError(
+                f"{source}: '{key}' must be {kind.__name__}, got {type(data[key]).__name__}; re-export the model"
+            )
     for i, gate in enumerate(data["gates"]):
-        if not isinstance(gate, dict) or not GATE_KEYS <= set(gate):
+        if not isinstance(gate, dict) or not set(gate) >= GATE_KEYS:
             raise ManifestError(f"{source}: gate {i} needs keys {sorted(GATE_KEYS)}; re-export the model")
     if len(data["thresholds"]) != len(data["gates"]):
-        raise ManifestError(f"{source} has {len(data['thresholds'])} thresholds for {len(data['gates'])} gates; re-export the model")
+        raise ManifestError(
+            f"{source} has {len(data['thresholds'])} thresholds for {len(data['gates'])} gates; re-export the model"
+        )
     for key in ("file", "sha256"):
         if not isinstance(data["weights"].get(key), str):
             raise ManifestError(f"{source}: weights.{key} is missing; re-export the model")
@@ -77,13 +81,17 @@ def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
     _check_list(source, "classes", data["classes"], str, None)
     for i, t in enumerate(data["thresholds"]):
         if not (isinstance(t, (int, float)) and not isinstance(t, bool)) and t not in ("inf", "-inf"):
-            raise ManifestError(f"{source}: thresholds[{i}] must be a number, 'inf' or '-inf', got {t!r}; re-export the model")
+            raise ManifestError(
+                f"{source}: thresholds[{i}] must be a number, 'inf' or '-inf', got {t!r}; re-export the model"
+            )
     return data
 
 
 def _check(source: str, name: str, value: Any, kind: type | tuple[type, ...]) -> None:
     if not isinstance(value, kind):
-        raise ManifestError(f"{source}: '{name}' is missing or not {getattr(kind, '__name__', 'a number')}; re-export the model")
+        raise ManifestError(
+            f"{source}: '{name}' is missing or not {getattr(kind, '__name__', 'a number')}; re-export the model"
+        )
 
 
 def _check_list(source: str, name: str, value: Any, kind: type | tuple[type, ...], length: int | None) -> None:

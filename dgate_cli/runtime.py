@@ -85,7 +85,9 @@ class GatedModel(nn.Module):
     ):
         super().__init__()
         if not (len(stages) == len(weights) + 1 == len(biases) + 1 == len(layouts) + 1 == len(thresholds) + 1):
-            raise ValueError("GatedModel needs one more stage than gates, and one weight, bias, layout and threshold per gate")
+            raise ValueError(
+                "GatedModel needs one more stage than gates, and one weight, bias, layout and threshold per gate"
+            )
         self.stages = nn.ModuleList(stages)
         for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
             self.register_buffer(f"gate{i}_weight", w.detach().float().clone())

@@ -49,7 +49,11 @@ class StagesReport:
 
 
 def list_stages(
-    model: str, weights: str | None = None, model_kwargs: dict | str | None = None, input_size: int | None = None, all_cuts: bool = False
+    model: str,
+    weights: str | None = None,
+    model_kwargs: dict | str | None = None,
+    input_size: int | None = None,
+    all_cuts: bool = False,
 ) -> StagesReport:
     """List candidate gate positions (``all_cuts``: every stage boundary) with shapes and cumulative MACs.
 
@@ -70,5 +74,7 @@ def list_stages(
     rows, cum = [], 0
     for cut, o, c in zip(cuts, outs, costs):
         cum += c.macs
-        rows.append(StageRow(cut.name, list(cut.aliases[1:]), list(o.shape[1:]), c.macs, cum, cum / total, cut.name in defaults))
+        rows.append(
+            StageRow(cut.name, list(cut.aliases[1:]), list(o.shape[1:]), c.macs, cum, cum / total, cut.name in defaults)
+        )
     return StagesReport(str(bb.spec), bb.family.name, bb.input_size, total, rows)

@@ -421,7 +421,9 @@ class _Searcher:
         return self.polish(best, need) if polish else best
 
 
-def search(oc: GateOutcomes, target: float, polish: bool = True, _path: list[torch.Tensor] | None = None) -> OperatingPoint:
+def search(
+    oc: GateOutcomes, target: float, polish: bool = True, _path: list[torch.Tensor] | None = None
+) -> OperatingPoint:
     """The cheapest thresholds with accuracy ``>= target`` on the calibration outcomes.
 
     Args:
@@ -582,7 +584,9 @@ def drop_upper_bound(oc: GateOutcomes, thresholds: Sequence[float], confidence: 
     return (2 * binomial_upper(lost, m, confidence) - 1) * m / oc.num_samples
 
 
-def search_confident(oc: GateOutcomes, confidence: float, target_acc: float | None = None, max_drop: float | None = None) -> OperatingPoint:
+def search_confident(
+    oc: GateOutcomes, confidence: float, target_acc: float | None = None, max_drop: float | None = None
+) -> OperatingPoint:
     """The cheapest thresholds whose target holds on new data with probability ``confidence``.
 
     ``target_acc``: the Clopper-Pearson lower bound of the gated accuracy reaches it (an exact

@@ -469,13 +469,13 @@ def test_calibrate_passes_its_options(monkeypatch, tmp_path):
         return SimpleNamespace(to_dict=lambda: {"fake": True}, warnings=[])
 
     monkeypatch.setattr("dgate_cli.cli.calibrate.calibrate", fake_calibrate)
-    result = invoke("calibrate", tmp_path / "run", "--target-acc", "0.93", "--gates", "a,b", "--json")
+    result = invoke("calibrate", tmp_path / "run", "--target-acc", "0.93", "--gates", "a,b", "--confidence", "0.9", "--json")
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert json.loads(result.stdout) == {"fake": True}
     assert calls == [
         (
             (tmp_path / "run",),
-            {"target_acc": 0.93, "max_drop": None, "split": "val", "score": None, "gates": ["a", "b"]},
+            {"target_acc": 0.93, "max_drop": None, "split": "val", "score": None, "gates": ["a", "b"], "confidence": 0.9},
         )
     ]
 

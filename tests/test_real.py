@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CIFAR, R20, R56, needs_shared
 from typer.testing import CliRunner
 
 import dgate_cli.evaluate
@@ -17,8 +18,6 @@ from dgate_cli.cache import load_split, read_run
 from dgate_cli.calibrate import outcomes, read_calibration
 from dgate_cli.cli.app import app
 from dgate_cli.fit import read_gates
-
-from conftest import CIFAR, R20, R56, needs_shared
 
 pytestmark = [needs_shared, pytest.mark.shared_data, pytest.mark.slow]
 ENV = {"COLUMNS": "400", "DGATE_DEBUG": None}
@@ -36,8 +35,19 @@ def dgate(*args: object) -> dict:
 )
 def test_extract_reproduces_the_checkpoint_accuracies(tmp_path, model, weights, val_acc, test_acc):
     """The documented top-1 on cifar10-jpeg val / test, within 0.05 points (val doubles as train here)."""
-    out = dgate("extract", tmp_path / "run", "--model", model, "--weights", weights,
-                "--train", CIFAR / "val", "--val", CIFAR / "test", "--json")
+    out = dgate(
+        "extract",
+        tmp_path / "run",
+        "--model",
+        model,
+        "--weights",
+        weights,
+        "--train",
+        CIFAR / "val",
+        "--val",
+        CIFAR / "test",
+        "--json",
+    )
     assert out["splits"]["train"]["images"] == 5000 and out["splits"]["val"]["images"] == 5000
     assert abs(out["splits"]["train"]["backbone_accuracy"] - val_acc) <= 0.0005
     assert abs(out["splits"]["val"]["backbone_accuracy"] - test_acc) <= 0.0005
@@ -61,8 +71,21 @@ def r20_pipeline(tmp_path_factory: pytest.TempPathFactory):
         "test": _subset(CIFAR / "test", base / "test", 0, 250),
     }
     run, model = base / "run", base / "model"
-    extracted = dgate("extract", run, "--model", "cifar_resnet20", "--weights", R20, "--train", data["train"],
-                      "--val", data["val"], "--test", data["test"], "--json")
+    extracted = dgate(
+        "extract",
+        run,
+        "--model",
+        "cifar_resnet20",
+        "--weights",
+        R20,
+        "--train",
+        data["train"],
+        "--val",
+        data["val"],
+        "--test",
+        data["test"],
+        "--json",
+    )
     fitted = dgate("fit", run, "--json")
     calibrated = dgate("calibrate", run, "--max-drop", "0.02", "--json")
     dgate("export", run, "--out", model, "--json")

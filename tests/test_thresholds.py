@@ -240,6 +240,8 @@ def test_reference_grid_agrees_with_evaluate():
 
 # -- search against the grid and against the sequential rule ------------------------------------------
 CASES = [(G, seed, drop) for G in (1, 2, 3) for seed in SEEDS for drop in DROPS]
+
+
 @pytest.mark.parametrize("G, seed, drop", [pytest.param(*c, id=f"G{c[0]}-seed{c[1]}-drop{c[2]}") for c in CASES])
 def test_search_is_at_least_as_cheap_as_the_exhaustive_grid(G, seed, drop):
     oc = synthetic_case(G, seed)

@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-RunDir = Annotated[Path, typer.Argument(help="Run directory: holds the feature cache, gates and calibration.", show_default=False)]
+RunDir = Annotated[
+    Path, typer.Argument(help="Run directory: holds the feature cache, gates and calibration.", show_default=False)
+]
 Model = Annotated[
     str | None,
     typer.Option(
@@ -30,7 +32,11 @@ Weights = Annotated[
 ]
 ModelKwargs = Annotated[
     str | None,
-    typer.Option("--model-kwargs", help='Constructor keyword arguments as JSON, e.g. \'{"num_classes": 10}\'.', show_default=False),
+    typer.Option(
+        "--model-kwargs",
+        help="Constructor keyword arguments as JSON, e.g. '{\"num_classes\": 10}'.",
+        show_default=False,
+    ),
 ]
 Gates = Annotated[
     str | None,
@@ -45,12 +51,19 @@ Gates = Annotated[
 Device = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda or cuda:N.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
 Workers = Annotated[
-    int | None, typer.Option("--workers", "-j", min=0, help="Data loader processes (default: CPU count, at most 8).", show_default=False)
+    int | None,
+    typer.Option(
+        "--workers", "-j", min=0, help="Data loader processes (default: CPU count, at most 8).", show_default=False
+    ),
 ]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables; no progress bars.")]
+Json = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables; no progress bars.")
+]
 Data = Annotated[
     str,
-    typer.Option("--data", help="Labelled images: an ImageFolder directory, or cifar10:ROOT:train|test.", show_default=False),
+    typer.Option(
+        "--data", help="Labelled images: an ImageFolder directory, or cifar10:ROOT:train|test.", show_default=False
+    ),
 ]
 
 
@@ -69,4 +82,6 @@ def float_tuple(value: str | None, name: str) -> tuple[float, ...] | None:
     try:
         return tuple(float(v) for v in value.split(","))
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated numbers like 0.485,0.456,0.406, got '{value}'", param_hint=name) from None
+        raise typer.BadParameter(
+            f"expected comma-separated numbers like 0.485,0.456,0.406, got '{value}'", param_hint=name
+        ) from None

@@ -33,7 +33,9 @@ def funnel(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (DgateError, OSError) as exc:
             if os.environ.get("DGATE_DEBUG"):
                 raise
-            fail(str(exc) if isinstance(exc, DgateError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+            fail(
+                str(exc) if isinstance(exc, DgateError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+            )
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: finished work is kept; run the same command again to resume")
             raise typer.Exit(130) from None

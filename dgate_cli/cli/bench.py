@@ -22,16 +22,24 @@ def bench_command(
     model_dir: Annotated[Path, typer.Argument(help="A directory written by `dgate export`.", show_default=False)],
     data: o.Data,
     device: o.Device = "auto",
-    batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="Comma-separated batch sizes to time.")] = "1,32",
+    batch_size: Annotated[
+        str, typer.Option("--batch-size", "-b", help="Comma-separated batch sizes to time.")
+    ] = "1,32",
     images: Annotated[int, typer.Option(help="Images to time on, evenly spaced over the data.", min=1)] = 512,
     max_drop: Annotated[
-        float | None, typer.Option(help="Switch to the stored operating point within this accuracy drop first.", show_default=False)
+        float | None,
+        typer.Option(help="Switch to the stored operating point within this accuracy drop first.", show_default=False),
     ] = None,
     thresholds: Annotated[
         str | None,
-        typer.Option(help="Comma-separated thresholds to use instead (inf closes a gate; a huge finite value runs a gate that never lets a sample out).", show_default=False),
+        typer.Option(
+            help="Comma-separated thresholds to use instead (inf closes a gate; a huge finite value runs a gate that never lets a sample out).",
+            show_default=False,
+        ),
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).", min=1, show_default=False)] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads (default: torch's choice).", min=1, show_default=False)
+    ] = None,
     json: o.Json = False,
 ) -> None:
     """Time the gated model against its own backbone (same weights, no gates) on the same real images.

@@ -17,20 +17,35 @@ from ._output import out, pct, print_json, warn
 
 def calibrate_command(
     run_dir: o.RunDir,
-    target_acc: Annotated[float | None, typer.Option(help="Accuracy to reach on the calibration split, e.g. 0.93.", show_default=False)] = None,
+    target_acc: Annotated[
+        float | None, typer.Option(help="Accuracy to reach on the calibration split, e.g. 0.93.", show_default=False)
+    ] = None,
     max_drop: Annotated[
-        float | None, typer.Option(help="Or: the largest accuracy drop below the backbone's, e.g. 0.01 for one point.", show_default=False)
+        float | None,
+        typer.Option(
+            help="Or: the largest accuracy drop below the backbone's, e.g. 0.01 for one point.", show_default=False
+        ),
     ] = None,
     split: Annotated[str, typer.Option(help="Calibration split (never the one you report on).")] = "val",
     score: Annotated[
-        str | None, typer.Option(help="Exit rule: max (largest distance), margin, softmax or entropy. Default: max for hinge gates, softmax for ce.", show_default=False)
+        str | None,
+        typer.Option(
+            help="Exit rule: max (largest distance), margin, softmax or entropy. Default: max for hinge gates, softmax for ce.",
+            show_default=False,
+        ),
     ] = None,
     gates: o.Gates = None,
     confidence: Annotated[
         float | None,
-        typer.Option(help="Make the target hold on new data with this probability (e.g. 0.95; binomial bounds), not just on the calibration split.", show_default=False),
+        typer.Option(
+            help="Make the target hold on new data with this probability (e.g. 0.95; binomial bounds), not just on the calibration split.",
+            show_default=False,
+        ),
     ] = None,
-    plot: Annotated[Path | None, typer.Option(help="Draw the accuracy/cost frontier to this PNG (needs matplotlib).", show_default=False)] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Draw the accuracy/cost frontier to this PNG (needs matplotlib).", show_default=False),
+    ] = None,
     json: o.Json = False,
 ) -> None:
     """Choose gate thresholds with the lowest mean cost that reach the target accuracy.
@@ -41,7 +56,15 @@ def calibrate_command(
 
     Example: dgate calibrate runs/r56 --max-drop 0.01   or   dgate calibrate runs/r56 --target-acc 0.93
     """
-    result = calibrate(run_dir, target_acc=target_acc, max_drop=max_drop, split=split, score=score, gates=o.split_list(gates), confidence=confidence)
+    result = calibrate(
+        run_dir,
+        target_acc=target_acc,
+        max_drop=max_drop,
+        split=split,
+        score=score,
+        gates=o.split_list(gates),
+        confidence=confidence,
+    )
     if plot is not None:
         plot_frontiers(
             {f"d-gates ({result.score})": [(p.cost_ratio, p.accuracy) for p in result.frontier.points]},
@@ -62,7 +85,10 @@ def calibrate_command(
 
 def render(r: CalibrationResult) -> None:
     exits = [*r.gates, "end"]
-    table = Table(title=f"accuracy / cost frontier on '{r.split}' ({r.num_samples:,} images, backbone {pct(r.backbone_accuracy)})", title_justify="left")
+    table = Table(
+        title=f"accuracy / cost frontier on '{r.split}' ({r.num_samples:,} images, backbone {pct(r.backbone_accuracy)})",
+        title_justify="left",
+    )
     for col in ("accuracy", "vs backbone", f"mean {r.unit}", "cost ratio", "reduction", "exits " + " / ".join(exits)):
         table.add_column(col, justify="right")
     for p in r.frontier.points:
@@ -84,7 +110,12 @@ def render(r: CalibrationResult) -> None:
         t = c.thresholds[g]
         if t != float("inf"):
             spent += r.gate_costs[g]
-        chosen.add_row(name, "closed" if t == float("inf") else f"{t:.4f}", pct(c.exit_fractions[g], 1), human(r.reach_costs[g] + spent))
+        chosen.add_row(
+            name,
+            "closed" if t == float("inf") else f"{t:.4f}",
+            pct(c.exit_fractions[g], 1),
+            human(r.reach_costs[g] + spent),
+        )
     chosen.add_row("backbone", "-", pct(c.exit_fractions[-1], 1), human(r.backbone_cost + spent))
     out.print(chosen)
     out.print(

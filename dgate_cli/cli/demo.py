@@ -23,7 +23,9 @@ from .extract import render as render_extract
 
 
 def demo_command(
-    directory: Annotated[Path, typer.Argument(help="Where to put the demo's data, model and run directory.")] = Path("dgate-demo"),
+    directory: Annotated[Path, typer.Argument(help="Where to put the demo's data, model and run directory.")] = Path(
+        "dgate-demo"
+    ),
     train_images: Annotated[int, typer.Option(help="Training images to generate.", min=200)] = 3000,
     epochs: Annotated[int, typer.Option(help="Epochs to train the demo CNN.", min=1)] = 10,
     max_drop: Annotated[float, typer.Option(help="Accuracy drop allowed when calibrating.")] = 0.01,
@@ -57,7 +59,13 @@ def demo_command(
     say("[bold]3/6[/] dgate extract")
     with progress(enabled=not quiet) as bar:
         ex = extract(
-            run, "demo_cnn", {k: str(v) for k, v in folders.items()}, weights=str(weights), device=device, progress=bar, overwrite=True
+            run,
+            "demo_cnn",
+            {k: str(v) for k, v in folders.items()},
+            weights=str(weights),
+            device=device,
+            progress=bar,
+            overwrite=True,
         )
     if not quiet:
         render_extract(ex)
@@ -91,5 +99,9 @@ def demo_command(
     table.add_row("gated", pct(ev.accuracy), human(ev.mean_cost), pct(ev.flops_ratio, 1))
     out.print(table)
     exits = ", ".join(f"{n} {100 * f:.0f}%" for n, f in zip(ev.exit_names, ev.exit_fractions, strict=True))
-    out.print(f"exits: {exits}; {1 - ev.flops_ratio:.0%} fewer MACs for {100 * (ev.backbone_accuracy - ev.accuracy):.2f} points of accuracy")
-    out.print(f"done in {seconds:.0f} s; everything is in {d}/ (try: dgate evaluate {exp.out_dir} --data {folders['test']})")
+    out.print(
+        f"exits: {exits}; {1 - ev.flops_ratio:.0%} fewer MACs for {100 * (ev.backbone_accuracy - ev.accuracy):.2f} points of accuracy"
+    )
+    out.print(
+        f"done in {seconds:.0f} s; everything is in {d}/ (try: dgate evaluate {exp.out_dir} --data {folders['test']})"
+    )

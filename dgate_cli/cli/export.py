@@ -17,7 +17,10 @@ from ._output import out, pct, print_json, progress
 
 def export_command(
     run_dir: o.RunDir,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory to write model.safetensors and dgate.json to.", show_default=False)],
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Directory to write model.safetensors and dgate.json to.", show_default=False),
+    ],
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier export in --out.")] = False,
     json: o.Json = False,
 ) -> None:
@@ -47,7 +50,12 @@ def evaluate_command(
     device: o.Device = "auto",
     batch_size: o.BatchSize = 256,
     workers: o.Workers = None,
-    limit: Annotated[int | None, typer.Option(help="Evaluate only N images, evenly spaced over the data (all classes).", min=1, show_default=False)] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Evaluate only N images, evenly spaced over the data (all classes).", min=1, show_default=False
+        ),
+    ] = None,
     json: o.Json = False,
 ) -> None:
     """Run the exported gated model (it really exits early) and its own backbone on labelled images.

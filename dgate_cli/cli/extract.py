@@ -20,24 +20,47 @@ def extract_command(
     model: o.Model = None,
     weights: o.Weights = None,
     model_kwargs: o.ModelKwargs = None,
-    train: Annotated[str | None, typer.Option(help="Training images (gates are fitted on them).", show_default=False)] = None,
-    val: Annotated[str | None, typer.Option(help="Calibration images (thresholds are chosen on them).", show_default=False)] = None,
+    train: Annotated[
+        str | None, typer.Option(help="Training images (gates are fitted on them).", show_default=False)
+    ] = None,
+    val: Annotated[
+        str | None, typer.Option(help="Calibration images (thresholds are chosen on them).", show_default=False)
+    ] = None,
     test: Annotated[str | None, typer.Option(help="Held-out images for the final report.", show_default=False)] = None,
     gates: o.Gates = None,
-    pool: Annotated[str | None, typer.Option(help="Pooled grid sizes per gate: 1 (global), 2, 4, or several like 1,2. [default: 1]", show_default=False)] = None,
-    pool_op: Annotated[str | None, typer.Option(help="Pooling operation: avg, max or avg+max. [default: avg]", show_default=False)] = None,
-    resize: Annotated[int | None, typer.Option(help="Resize the shorter side to N px (0: no resize).", show_default=False)] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            help="Pooled grid sizes per gate: 1 (global), 2, 4, or several like 1,2. [default: 1]", show_default=False
+        ),
+    ] = None,
+    pool_op: Annotated[
+        str | None, typer.Option(help="Pooling operation: avg, max or avg+max. [default: avg]", show_default=False)
+    ] = None,
+    resize: Annotated[
+        int | None, typer.Option(help="Resize the shorter side to N px (0: no resize).", show_default=False)
+    ] = None,
     crop: Annotated[int | None, typer.Option(help="Centre-crop to N x N px (0: no crop).", show_default=False)] = None,
-    mean: Annotated[str | None, typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406.", show_default=False)] = None,
-    std: Annotated[str | None, typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225.", show_default=False)] = None,
+    mean: Annotated[
+        str | None, typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406.", show_default=False)
+    ] = None,
+    std: Annotated[
+        str | None, typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225.", show_default=False)
+    ] = None,
     device: o.Device = "auto",
     batch_size: o.BatchSize = 256,
     workers: o.Workers = None,
     feature_dtype: Annotated[
-        str | None, typer.Option(help="float32 (exact calibration) or float16/bfloat16 (half the disk). [default: float32]", show_default=False)
+        str | None,
+        typer.Option(
+            help="float32 (exact calibration) or float16/bfloat16 (half the disk). [default: float32]",
+            show_default=False,
+        ),
     ] = None,
     channels_last: Annotated[bool, typer.Option(help="Channels-last memory format (faster convolutions).")] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace a RUN_DIR that was made for another model or weights.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a RUN_DIR that was made for another model or weights.")
+    ] = False,
     json: o.Json = False,
 ) -> None:
     """Run the frozen backbone once over each split and cache pooled gate features, logits and labels.
@@ -49,7 +72,12 @@ def extract_command(
     Example: dgate extract runs/r56 --model cifar_resnet56 --weights resnet56.th --train cifar/train --val cifar/val --test cifar/test
     """
     splits = {k: v for k, v in (("train", train), ("val", val), ("test", test)) if v}
-    preprocess = {"resize": resize, "crop": crop, "mean": o.float_tuple(mean, "--mean"), "std": o.float_tuple(std, "--std")}
+    preprocess = {
+        "resize": resize,
+        "crop": crop,
+        "mean": o.float_tuple(mean, "--mean"),
+        "std": o.float_tuple(std, "--std"),
+    }
     if model is None:  # reuse the settings of RUN_DIR; options given explicitly change them
         if not cache.run_file(run_dir).is_file():
             fail(f"--model is required: {run_dir} has no earlier extraction to take the settings from")
@@ -104,5 +132,7 @@ def render(result: ExtractResult) -> None:
     out.print(table)
     gates = ", ".join(f"{g} ({d})" for g, d in zip(c.gates, c.feature_sizes, strict=True))
     out.print(f"gates (feature size): {gates}")
-    out.print(f"pooling: {Pooling.from_dict(c.pooling)}   backbone cost: {human(c.costs['backbone'])}{c.costs['unit']} per image   device: {result.device}")
+    out.print(
+        f"pooling: {Pooling.from_dict(c.pooling)}   backbone cost: {human(c.costs['backbone'])}{c.costs['unit']} per image   device: {result.device}"
+    )
     out.print(f"next: dgate fit {result.run_dir}")

@@ -15,11 +15,22 @@ from ._output import note, out, pct, print_json, progress
 
 def fit_command(
     run_dir: o.RunDir,
-    loss: Annotated[str, typer.Option(help="hinge: one-vs-all squared hinge (the d-gate, signed distances); ce: softmax cross-entropy.")] = "hinge",
+    loss: Annotated[
+        str,
+        typer.Option(help="hinge: one-vs-all squared hinge (the d-gate, signed distances); ce: softmax cross-entropy."),
+    ] = "hinge",
     C: Annotated[
-        float | None, typer.Option("--C", "-C", help="Inverse regularisation strength; default: chosen per gate on a held-out part of train.", show_default=False)
+        float | None,
+        typer.Option(
+            "--C",
+            "-C",
+            help="Inverse regularisation strength; default: chosen per gate on a held-out part of train.",
+            show_default=False,
+        ),
     ] = None,
-    target: Annotated[str, typer.Option(help="Fit gates to the 'label' (the paper) or to the 'backbone' prediction.")] = "label",
+    target: Annotated[
+        str, typer.Option(help="Fit gates to the 'label' (the paper) or to the 'backbone' prediction.")
+    ] = "label",
     holdout: Annotated[float, typer.Option(help="Fraction of train held out to choose C.")] = 0.1,
     device: Annotated[str, typer.Option("--device", "-d", help="Where to solve: cpu, cuda, auto.")] = "cpu",
     max_iter: Annotated[int, typer.Option(help="L-BFGS iterations at most per fit.", min=1)] = 500,
@@ -35,7 +46,9 @@ def fit_command(
     """
     grid = ", ".join(f"{c:g}" for c in DEFAULT_C_GRID)
     with progress(enabled=not json, unit="gates") as bar:
-        result = fit(run_dir, loss=loss, C=C, target=target, holdout=holdout, device=device, max_iter=max_iter, progress=bar)
+        result = fit(
+            run_dir, loss=loss, C=C, target=target, holdout=holdout, device=device, max_iter=max_iter, progress=bar
+        )
     if json:
         print_json(result.to_dict())
         return
@@ -45,7 +58,15 @@ def fit_command(
     for col in ("gate", "features", "C", "train acc", "val acc", "agrees w/ backbone", "fit time"):
         table.add_column(col, justify="left" if col == "gate" else "right")
     for g in result.gates:
-        table.add_row(g.gate, str(g.features), f"{g.C:g}", pct(g.train_accuracy), pct(g.val_accuracy), pct(g.agreement), f"{g.seconds:.1f} s")
+        table.add_row(
+            g.gate,
+            str(g.features),
+            f"{g.C:g}",
+            pct(g.train_accuracy),
+            pct(g.val_accuracy),
+            pct(g.agreement),
+            f"{g.seconds:.1f} s",
+        )
     out.print(table)
     if C is None:
         out.print(f"C chosen per gate from {{{grid}}} by accuracy on {holdout:.0%} of train held out")

@@ -16,10 +16,14 @@ from ._output import out, print_json
 
 
 def stages_command(
-    model: Annotated[str, typer.Argument(help="Model spec, e.g. cifar_resnet56, resnet50, torchvision:vit_b_16.", show_default=False)],
+    model: Annotated[
+        str, typer.Argument(help="Model spec, e.g. cifar_resnet56, resnet50, torchvision:vit_b_16.", show_default=False)
+    ],
     weights: o.Weights = None,
     model_kwargs: o.ModelKwargs = None,
-    input_size: Annotated[int | None, typer.Option(help="Square input size in pixels (default: the model's).", show_default=False)] = None,
+    input_size: Annotated[
+        int | None, typer.Option(help="Square input size in pixels (default: the model's).", show_default=False)
+    ] = None,
     all_: Annotated[bool, typer.Option("--all", help="List every stage boundary, not only whole blocks.")] = False,
     json: o.Json = False,
 ) -> None:
@@ -33,12 +37,31 @@ def stages_command(
     if json:
         print_json(report.to_dict())
         return
-    table = Table(title=f"{report.model} ({report.family}), {report.input_size}x{report.input_size} input, {human(report.total_macs)}{report.unit}", title_justify="left")
-    for col in ("", "position", "output shape", f"stage {report.unit}", f"cumulative {report.unit}", "of model", "aliases"):
+    table = Table(
+        title=f"{report.model} ({report.family}), {report.input_size}x{report.input_size} input, {human(report.total_macs)}{report.unit}",
+        title_justify="left",
+    )
+    for col in (
+        "",
+        "position",
+        "output shape",
+        f"stage {report.unit}",
+        f"cumulative {report.unit}",
+        "of model",
+        "aliases",
+    ):
         table.add_column(col, justify="right" if "MAC" in col or col == "of model" else "left")
     for r in report.rows:
         aliases = ", ".join(r.aliases[:3]) + (" ..." if len(r.aliases) > 3 else "")
-        table.add_row("*" if r.default else "", r.name, "x".join(map(str, r.shape)), human(r.macs), human(r.cumulative_macs), f"{100 * r.fraction:.1f}%", aliases)
+        table.add_row(
+            "*" if r.default else "",
+            r.name,
+            "x".join(map(str, r.shape)),
+            human(r.macs),
+            human(r.cumulative_macs),
+            f"{100 * r.fraction:.1f}%",
+            aliases,
+        )
     out.print(table)
 
 
@@ -51,4 +74,6 @@ def models_command() -> None:
         table.add_row(f.name, ", ".join(t.__name__ for t in f.types))
     out.print(table)
     out.print("Built-in names: " + ", ".join(list_builtin_models()))
-    out.print("Any other torch.fx-traceable model works as package.module:factory (gates after top-level modules by default).")
+    out.print(
+        "Any other torch.fx-traceable model works as package.module:factory (gates after top-level modules by default)."
+    )

@@ -86,7 +86,9 @@ def parse_model_spec(spec: str, kwargs: dict[str, Any] | str | None = None) -> M
         try:
             kwargs = json.loads(kwargs) if kwargs.strip() else {}
         except json.JSONDecodeError as exc:
-            raise SpecError(f"--model-kwargs is not valid JSON ({exc.msg}); write it like '{{\"num_classes\": 10}}'") from exc
+            raise SpecError(
+                f"--model-kwargs is not valid JSON ({exc.msg}); write it like '{{\"num_classes\": 10}}'"
+            ) from exc
     if kwargs is None:
         kwargs = {}
     if not isinstance(kwargs, dict):
@@ -133,21 +135,29 @@ def _instantiate(spec: ModelSpec) -> nn.Module:
 
             return demo_cnn(**spec.kwargs)
     except TypeError as exc:
-        raise SpecError(f"cannot build {spec} with --model-kwargs {json.dumps(spec.kwargs)} ({exc}); check the argument names") from exc
+        raise SpecError(
+            f"cannot build {spec} with --model-kwargs {json.dumps(spec.kwargs)} ({exc}); check the argument names"
+        ) from exc
     module_name, _, attr = spec.name.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SpecError(f"cannot import '{module_name}' for model '{spec.name}' ({exc}); install it or add its folder to PYTHONPATH") from exc
+        raise SpecError(
+            f"cannot import '{module_name}' for model '{spec.name}' ({exc}); install it or add its folder to PYTHONPATH"
+        ) from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SpecError(f"'{module_name}' has no callable '{attr}' for model '{spec.name}'; check the factory name")
     try:
         model = factory(**spec.kwargs)
     except TypeError as exc:
-        raise SpecError(f"cannot call {spec.name} with --model-kwargs {json.dumps(spec.kwargs)} ({exc}); check the argument names") from exc
+        raise SpecError(
+            f"cannot call {spec.name} with --model-kwargs {json.dumps(spec.kwargs)} ({exc}); check the argument names"
+        ) from exc
     if not isinstance(model, nn.Module):
-        raise SpecError(f"{spec.name} returned {type(model).__name__}, not a torch.nn.Module; return the model from the factory")
+        raise SpecError(
+            f"{spec.name} returned {type(model).__name__}, not a torch.nn.Module; return the model from the factory"
+        )
     return model
 
 
@@ -181,7 +191,9 @@ class Backbone:
     Build one with :func:`build_backbone`.
     """
 
-    def __init__(self, module: nn.Module, spec: ModelSpec, preprocess: Preprocess, weights: WeightsRef | None, input_size: int):
+    def __init__(
+        self, module: nn.Module, spec: ModelSpec, preprocess: Preprocess, weights: WeightsRef | None, input_size: int
+    ):
         self.module = module
         self.spec = spec
         self.preprocess = preprocess

@@ -95,7 +95,9 @@ class StageGraph:
         final_value = output.args[0] if isinstance(output.args[0], fx.Node) else None
         n_inputs = sum(1 for n in nodes if n.op == "placeholder")
         if n_inputs != 1:
-            raise SpecError(f"{self.model_name}.forward takes {n_inputs} inputs; dgate needs a model of one image tensor")
+            raise SpecError(
+                f"{self.model_name}.forward takes {n_inputs} inputs; dgate needs a model of one image tensor"
+            )
 
         live: set[fx.Node] = set()
         single: list[bool] = []
@@ -145,9 +147,13 @@ class StageGraph:
             near = f" (similar: {', '.join(close)})" if close else ""
             raise SpecError(f"gate position '{name}' is not a module of {self.model_name}{near}; {hint}")
         if name not in self._last_in_scope:
-            raise SpecError(f"gate position '{name}' is a module of {self.model_name} that its forward never calls; {hint}")
+            raise SpecError(
+                f"gate position '{name}' is a module of {self.model_name} that its forward never calls; {hint}"
+            )
         if self._nodes[self._last_in_scope[name]] is self._final_value:
-            raise SpecError(f"gate position '{name}' computes the output of {self.model_name}; gates go before the head: {hint}")
+            raise SpecError(
+                f"gate position '{name}' computes the output of {self.model_name}; gates go before the head: {hint}"
+            )
         raise SpecError(
             f"gate position '{name}' is not a stage boundary of {self.model_name}: more than one tensor is alive "
             f"after it (a skip connection or concatenation crosses it); {hint}"
@@ -214,7 +220,9 @@ class StageGraph:
             n = nodes[i]
             if n.op == "output":
                 if not isinstance(n.args[0], fx.Node):
-                    raise SpecError(f"{self.model_name} returns {type(n.args[0]).__name__}; dgate needs a model returning one logits tensor")
+                    raise SpecError(
+                        f"{self.model_name} returns {type(n.args[0]).__name__}; dgate needs a model returning one logits tensor"
+                    )
                 result = copy(n.args[0])
                 break
             if self._depends[n]:  # input-independent values are copied where they are used

@@ -29,12 +29,16 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """
     p = Path(path)
     if not p.is_file():
-        raise MissingFileError(f"weights file {p} does not exist; pass an existing .safetensors, .pt or .th file to --weights")
+        raise MissingFileError(
+            f"weights file {p} does not exist; pass an existing .safetensors, .pt or .th file to --weights"
+        )
     if p.suffix == ".safetensors":
         try:
             obj: object = load_file(str(p))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise WeightsError(f"{p} is not a readable safetensors file ({exc}); re-export it or pass another file") from exc
+            raise WeightsError(
+                f"{p} is not a readable safetensors file ({exc}); re-export it or pass another file"
+            ) from exc
     else:
         try:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
@@ -46,7 +50,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 ) from exc
             raise WeightsError(f"{p} is not a torch checkpoint ({_first_line(exc)}); check the file") from exc
         except Exception as exc:  # the unpickler raises many kinds of errors on garbage
-            raise WeightsError(f"{p} is not a readable torch checkpoint ({type(exc).__name__}: {_first_line(exc)}); check the file") from exc
+            raise WeightsError(
+                f"{p} is not a readable torch checkpoint ({type(exc).__name__}: {_first_line(exc)}); check the file"
+            ) from exc
     sd = _find_state_dict(obj, p)
     return _strip_prefixes(sd)
 
@@ -76,7 +82,7 @@ def _find_state_dict(obj: object, p: Path) -> dict[str, torch.Tensor]:
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in _PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
