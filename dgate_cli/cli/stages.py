@@ -37,32 +37,16 @@ def stages_command(
     if json:
         print_json(report.to_dict())
         return
-    table = Table(
-        title=f"{report.model} ({report.family}), {report.input_size}x{report.input_size} input, {human(report.total_macs)}{report.unit}",
-        title_justify="left",
-    )
-    for col in (
-        "",
-        "position",
-        "output shape",
-        f"stage {report.unit}",
-        f"cumulative {report.unit}",
-        "of model",
-        "aliases",
-    ):
+    title = f"{report.model} ({report.family}), {report.input_size}x{report.input_size} input, {human(report.total_macs)}{report.unit}"
+    table = Table(title=title, title_justify="left")
+    cols = ["", "position", "output shape", f"stage {report.unit}", f"cumulative {report.unit}", "of model"]
+    for col in cols + (["aliases"] if all_ else []):
         table.add_column(col, justify="right" if "MAC" in col or col == "of model" else "left")
     for r in report.rows:
-        aliases = ", ".join(r.aliases[:3]) + (" ..." if len(r.aliases) > 3 else "")
-        table.add_row(
-            "*" if r.default else "",
-            r.name,
-            "x".join(map(str, r.shape)),
-            human(r.macs),
-            human(r.cumulative_macs),
-            f"{100 * r.fraction:.1f}%",
-            aliases,
-        )
+        row = ["*" if r.default else "", r.name, "x".join(map(str, r.shape)), human(r.macs), human(r.cumulative_macs), f"{100 * r.fraction:.1f}%"]
+        table.add_row(*row, *([", ".join(r.aliases)] if all_ else []))
     out.print(table)
+    out.print("* default gate positions; --all lists every stage boundary (with the other module names of each)")
 
 
 def models_command() -> None:

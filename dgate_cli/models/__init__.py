@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -140,7 +141,7 @@ def _instantiate(spec: ModelSpec) -> nn.Module:
         ) from exc
     module_name, _, attr = spec.name.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_user_module(module_name)
     except ImportError as exc:
         raise SpecError(
             f"cannot import '{module_name}' for model '{spec.name}' ({exc}); install it or add its folder to PYTHONPATH"
@@ -159,6 +160,18 @@ def _instantiate(spec: ModelSpec) -> nn.Module:
             f"{spec.name} returned {type(model).__name__}, not a torch.nn.Module; return the model from the factory"
         )
     return model
+
+
+def _import_user_module(name: str) -> Any:
+    """Import a user's module; like ``python -m``, the working directory is searched too."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        cwd = os.getcwd()
+        if cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.insert(0, cwd)
+        return importlib.import_module(name)
 
 
 def _torchvision_weights(spec: ModelSpec, tag: str) -> Any:
