@@ -37,11 +37,11 @@ def make_resnet50_export(out: Path, data: str, images: int, fractions=(0.3, 0.2,
     """A gated ResNet-50 export with random weights, exit thresholds set by score quantiles."""
     torch.manual_seed(seed)
     bb = build_backbone("resnet50", model_kwargs={"num_classes": 10})
-    pooling = Pooling()
+    policy = PoolingPolicy()
     ds = open_dataset(data, bb.preprocess)
     x = torch.cat([b for b, _, _ in iterate(make_loader(ds, 64, indices=spread(len(ds), images)))])
     x = bb.preprocess.normalize(x)
-    info = describe_run(bb, None, pooling, x[:1])
+    info = describe_run(bb, None, policy, x[:1])
     weights = [torch.randn(10, d) / math.sqrt(d) for d in info["feature_sizes"]]
     biases = [torch.zeros(10) for _ in weights]
     # thresholds: the score quantile that lets the wanted share of the remaining samples out
@@ -51,7 +51,7 @@ def make_resnet50_export(out: Path, data: str, images: int, fractions=(0.3, 0.2,
         left = 1.0
         for k, stage in enumerate(info["stages"][:-1]):
             h = stage(h)
-            z = pool(h, pooling, info["layouts"][k]) @ weights[k].t() + biases[k]
+            z = pool(h, info["poolings"][k], info["layouts"][k]) @ weights[k].t() + biases[k]
             s = z.topk(2, 1).values
             s = s[:, 0] - s[:, 1]  # margin
             share = fractions[k] / left
@@ -65,10 +65,12 @@ def make_resnet50_export(out: Path, data: str, images: int, fractions=(0.3, 0.2,
         "dgate_version": __version__,
         "model": bb.spec.to_dict(),
         "gates": [
-            {"name": c.name, "layout": lay, "features": d, "cost": gc}
-            for c, lay, d, gc in zip(info["cuts"], info["layouts"], info["feature_sizes"], info["costs"]["gates"])
+            {"name": c.name, "layout": lay, "pooling": p.to_dict(), "features": d, "cost": gc}
+            for c, lay, p, d, gc in zip(
+                info["cuts"], info["layouts"], info["poolings"], info["feature_sizes"], info["costs"]["gates"], strict=True
+            )
         ],
-        "pooling": pooling.to_dict(),
+        "pooling": policy.to_dict(),
         "score": "margin",
         "classes": ds.classes,
         "preprocess": bb.preprocess.to_dict(),

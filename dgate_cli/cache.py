@@ -31,7 +31,7 @@ from . import _io
 from ._version import __version__
 from .errors import CacheMismatchError, MissingFileError, NotFittedError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 RUN_FILE = "run.json"
 CACHE_DIR = "cache"
 INDEX_FILE = "index.json"
@@ -48,7 +48,7 @@ class RunConfig:
     model: dict[str, Any]
     weights: dict[str, str] | None
     gates: list[str]
-    pooling: dict[str, list]
+    pooling: dict[str, Any]
     preprocess: dict[str, Any]
     input_size: int
     feature_dtype: str
@@ -57,6 +57,7 @@ class RunConfig:
     stage_shapes: list[list[int]]
     feature_sizes: list[int]
     costs: dict[str, Any]
+    gate_pooling: list[dict[str, Any]] = field(default_factory=list)
     splits: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     dgate_version: str = __version__
@@ -69,6 +70,7 @@ class RunConfig:
             "weights_sha256": (self.weights or {}).get("sha256"),
             "gates": self.gates,
             "pooling": self.pooling,
+            "gate_pooling": self.gate_pooling,
             "preprocess": self.preprocess,
             "input_size": self.input_size,
             "feature_dtype": self.feature_dtype,
@@ -83,6 +85,7 @@ class RunConfig:
             "weights": self.weights,
             "gates": self.gates,
             "pooling": self.pooling,
+            "gate_pooling": self.gate_pooling,
             "preprocess": self.preprocess,
             "input_size": self.input_size,
             "feature_dtype": self.feature_dtype,

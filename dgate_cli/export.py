@@ -77,6 +77,7 @@ def export(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False)
             {
                 "name": n,
                 "layout": config.layouts[i],
+                "pooling": config.gate_pooling[i],
                 "features": config.feature_sizes[i],
                 "cost": calib["costs"]["gates"][k],
             }
@@ -212,7 +213,7 @@ def load(
         weights,
         biases,
         [g["layout"] for g in data["gates"]],
-        Pooling.from_dict(data["pooling"]),
+        [Pooling.from_dict(g["pooling"]) for g in data["gates"]],
         data["thresholds"],
         score=data["score"],
         gate_names=names,

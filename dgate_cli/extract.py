@@ -15,7 +15,7 @@ from . import cache
 from ._device import describe, resolve_device
 from .data import ImageDataset, iterate, make_loader, open_dataset
 from .errors import CacheMismatchError, DataError, SpecError
-from .features import Pooling, layout_of, pool
+from .features import Pooling, PoolingPolicy, layout_of, pool
 from .flops import UNIT, gate_macs, stage_costs
 from .models import Backbone, build_backbone
 from .models.staging import run_stages
@@ -86,7 +86,7 @@ def _example_input(dataset: ImageDataset, backbone: Backbone) -> torch.Tensor:
 
 
 def describe_run(
-    backbone: Backbone, gates: list[str] | None, pooling: Pooling, example: torch.Tensor
+    backbone: Backbone, gates: list[str] | None, policy: PoolingPolicy, example: torch.Tensor
 ) -> dict[str, Any]:
     """Resolve gates, probe stage shapes and layouts, and count stage and gate costs."""
     cuts = backbone.resolve_gates(gates)
@@ -99,17 +99,19 @@ def describe_run(
             raise SpecError(
                 f"gate position '{cut.name}' outputs a {outs[cuts.index(cut)].dim()}-d tensor; choose a position with 2-, 3- or 4-d output"
             )
+    poolings = [policy.for_stage(tuple(o.shape[1:]), lay) for o, lay in zip(outs, layouts, strict=False)]
     with torch.inference_mode():
-        feats = [pool(o, pooling, lay) for o, lay in zip(outs, layouts)]
+        feats = [pool(o, p, lay) for o, p, lay in zip(outs, poolings, layouts, strict=False)]
     num_classes = int(outs[-1].shape[-1])
     costs = stage_costs(stages, example)
     gates_macs = [
-        gate_macs(pooling.macs(tuple(o.shape[1:])), int(f.shape[1]), num_classes) for o, f in zip(outs, feats)
+        gate_macs(p.macs(tuple(o.shape[1:])), int(f.shape[1]), num_classes) for o, p, f in zip(outs, poolings, feats, strict=False)
     ]
     return {
         "cuts": cuts,
         "stages": stages,
         "layouts": layouts,
+        "poolings": poolings,
         "stage_shapes": [list(o.shape[1:]) for o in outs[:-1]],
         "feature_sizes": [int(f.shape[1]) for f in feats],
         "num_classes": num_classes,
@@ -175,7 +177,7 @@ def extract(
     weights: str | None = None,
     model_kwargs: dict[str, Any] | str | None = None,
     gates: list[str] | None = None,
-    pooling: Pooling | None = None,
+    pooling: PoolingPolicy | Pooling | None = None,
     preprocess: Mapping[str, Any] | None = None,
     device: str = "auto",
     batch_size: int = 256,
@@ -195,7 +197,9 @@ def extract(
         weights: checkpoint file or ``torchvision:TAG`` (None: random init).
         model_kwargs: constructor keyword arguments.
         gates: gate positions (module names); None: the family's defaults.
-        pooling: how stage outputs are pooled (default: global average).
+        pooling: how stage outputs are pooled: a :class:`PoolingPolicy` (default: ``auto``, the
+            finest of 4x4, 2x2, 1x1 average grids within 1024 features per gate) or one
+            :class:`Pooling` for every gate.
         preprocess: overrides of the model's preprocessing (``resize``, ``crop``, ``mean``, ``std``).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: images per batch.
@@ -220,7 +224,9 @@ def extract(
         raise SpecError(f"feature dtype must be one of {', '.join(_DTYPES)}, got '{feature_dtype}'")
     if batch_size < 1:
         raise SpecError(f"--batch-size must be at least 1, got {batch_size}")
-    pooling = pooling or Pooling()
+    if isinstance(pooling, Pooling):
+        pooling = PoolingPolicy(pooling.sizes, pooling.ops)
+    policy = pooling or PoolingPolicy()
     dev = resolve_device(device)
     backbone = build_backbone(model, weights=weights, model_kwargs=model_kwargs)
     backbone.preprocess = backbone.preprocess.override(**dict(preprocess or {}))
@@ -229,13 +235,14 @@ def extract(
         notes.append("no --weights given: the backbone is randomly initialised")
     datasets = {name: open_dataset(spec, backbone.preprocess) for name, spec in splits.items()}
     example = _example_input(next(iter(datasets.values())), backbone)
-    info = describe_run(backbone, gates, pooling, example)
+    info = describe_run(backbone, gates, policy, example)
     classes = _check_classes(datasets, info["num_classes"], str(backbone.spec))
     config = cache.RunConfig(
         model=backbone.spec.to_dict(),
         weights=backbone.weights.to_dict() if backbone.weights else None,
         gates=[c.name for c in info["cuts"]],
-        pooling=pooling.to_dict(),
+        pooling=policy.to_dict(),
+        gate_pooling=[p.to_dict() for p in info["poolings"]],
         preprocess=backbone.preprocess.to_dict(),
         input_size=int(example.shape[-1]),
         feature_dtype=feature_dtype,
@@ -305,7 +312,7 @@ def _extract_split(
         cache.write_index(run_dir, split, index)
     resumed = index.done
     dtype = _DTYPES[config.feature_dtype]
-    pooling = Pooling.from_dict(config.pooling)
+    poolings = [Pooling.from_dict(p) for p in config.gate_pooling]
     writer = cache.SplitWriter(run_dir, split, index)
     loader = make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda", start=resumed)
     correct = 0
@@ -322,7 +329,7 @@ def _extract_split(
                 for k, stage in enumerate(stages):
                     x = stage(x)
                     if k < len(config.gates):
-                        batch[cache.feature_key(config.gates[k])] = pool(x, pooling, config.layouts[k]).to(dtype).cpu()
+                        batch[cache.feature_key(config.gates[k])] = pool(x, poolings[k], config.layouts[k]).to(dtype).cpu()
                 logits = x.float().cpu()
                 batch.update(logits=logits, labels=labels, index=idx)
                 correct += int((logits.argmax(1) == labels).sum())

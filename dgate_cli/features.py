@@ -82,6 +82,71 @@ class Pooling:
         return math.prod(shape) * len(self.ops) * len(self.sizes)
 
 
+AUTO_SIZES = (4, 2, 1)
+DEFAULT_BUDGET = 1024
+
+
+@dataclass(frozen=True)
+class PoolingPolicy:
+    """How each gate's pooling is chosen: fixed grid sizes, or ``auto`` within a feature budget.
+
+    ``auto`` gives each gate the finest grid of 4x4, 2x2 and 1x1 whose feature vector
+    (channels x cells x operations) fits ``budget`` and whose cells the stage output can fill: fine
+    grids where channels are few (early stages of small CNNs), global pooling where they are many
+    (ImageNet models), so gates stay cheap to fit, store and run.
+
+    Example:
+        >>> p = PoolingPolicy.parse("auto")
+        >>> p.for_stage((16, 32, 32), "nchw"), p.for_stage((1024, 14, 14), "nchw")
+        (Pooling(sizes=(4,), ops=('avg',)), Pooling(sizes=(1,), ops=('avg',)))
+    """
+
+    sizes: tuple[int, ...] | None = None
+    ops: tuple[str, ...] = ("avg",)
+    budget: int = DEFAULT_BUDGET
+
+    def __post_init__(self) -> None:
+        Pooling(self.sizes or (1,), self.ops)  # validates
+        if self.budget < 1:
+            raise SpecError(f"--pool-budget must be a positive number of features, got {self.budget}")
+
+    @classmethod
+    def parse(cls, sizes: str = "auto", ops: str = "avg", budget: int = DEFAULT_BUDGET) -> PoolingPolicy:
+        """Parse ``--pool auto|1|2|4|1,2`` and ``--pool-op avg|max|avg+max``."""
+        fixed = None if str(sizes).strip() == "auto" else Pooling.parse(sizes, ops).sizes
+        return cls(fixed, Pooling.parse("1", ops).ops, int(budget))
+
+    def for_stage(self, shape: tuple[int, ...], layout: str) -> Pooling:
+        """The pooling of a gate on a stage output of ``shape`` (one sample) and ``layout``."""
+        if self.sizes is not None:
+            return Pooling(self.sizes, self.ops)
+        if layout == "nc":
+            return Pooling((1,), self.ops)
+        if layout == "nchw":
+            channels, side = shape[0], min(shape[1], shape[2])
+        elif layout == "nhwc":
+            channels, side = shape[2], min(shape[0], shape[1])
+        else:  # nlc: tokens, maybe with a class token
+            channels, side = shape[1], math.isqrt(shape[0])
+        for k in AUTO_SIZES:
+            if k <= side and channels * k * k * len(self.ops) <= self.budget:
+                return Pooling((k,), self.ops)
+        return Pooling((1,), self.ops)
+
+    def __str__(self) -> str:
+        if self.sizes is None:
+            return f"{'+'.join(self.ops)}@auto (budget {self.budget})"
+        return str(Pooling(self.sizes, self.ops))
+
+    def to_dict(self) -> dict:
+        return {"sizes": "auto" if self.sizes is None else list(self.sizes), "ops": list(self.ops), "budget": self.budget}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PoolingPolicy:
+        sizes = d.get("sizes", "auto")
+        return cls(None if sizes == "auto" else tuple(sizes), tuple(d.get("ops", ("avg",))), int(d.get("budget", DEFAULT_BUDGET)))
+
+
 def layout_of(x: torch.Tensor, channels_last: bool = False) -> str:
     """The layout of a stage output from its rank (``channels_last``: 4-d outputs are NHWC)."""
     return {4: "nhwc" if channels_last else "nchw", 3: "nlc", 2: "nc"}.get(x.dim(), "unsupported")

@@ -39,7 +39,7 @@ OPTIONAL = {
     "frontier": list,
 }
 PERMITTED = set(REQUIRED) | set(OPTIONAL)
-GATE_KEYS = {"name", "layout", "features", "cost"}
+GATE_KEYS = {"name", "layout", "pooling", "features", "cost"}
 
 
 def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
@@ -73,8 +73,10 @@ def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
     G = len(data["gates"])
     _check(source, "model.spec", data["model"].get("spec"), str)
     _check(source, "model.kwargs", data["model"].get("kwargs"), dict)
-    _check_list(source, "pooling.sizes", data["pooling"].get("sizes"), int, None)
-    _check_list(source, "pooling.ops", data["pooling"].get("ops"), str, None)
+    for i, gate in enumerate(data["gates"]):
+        _check(source, f"gates[{i}].pooling", gate["pooling"], dict)
+        _check_list(source, f"gates[{i}].pooling.sizes", gate["pooling"].get("sizes"), int, None)
+        _check_list(source, f"gates[{i}].pooling.ops", gate["pooling"].get("ops"), str, None)
     _check(source, "costs.unit", data["costs"].get("unit"), str)
     _check_list(source, "costs.reach", data["costs"].get("reach"), (int, float), G + 1)
     _check_list(source, "costs.gates", data["costs"].get("gates"), (int, float), G)

@@ -55,7 +55,7 @@ class GatedModel(nn.Module):
         stages: ``len(gates) + 1`` modules chaining to the backbone's ``model(x)``.
         weights, biases: per gate ``(K, D)`` and ``(K,)`` on raw pooled features.
         layouts: per gate, the stage output layout (``nchw``, ``nhwc``, ``nlc``, ``nc``).
-        pooling: how stage outputs become gate features.
+        pooling: how each gate pools its stage output (one for all gates, or one per gate).
         thresholds: per gate; ``inf`` closes a gate.
         score: the exit rule (``max``, ``margin``, ``softmax``, ``entropy``).
         gate_names: position names, for display.
@@ -73,7 +73,7 @@ class GatedModel(nn.Module):
         weights: Sequence[torch.Tensor],
         biases: Sequence[torch.Tensor],
         layouts: Sequence[str],
-        pooling: Pooling,
+        pooling: Pooling | Sequence[Pooling],
         thresholds: Sequence[float],
         score: str = "max",
         gate_names: Sequence[str] | None = None,
@@ -93,7 +93,9 @@ class GatedModel(nn.Module):
             self.register_buffer(f"gate{i}_weight", w.detach().float().clone())
             self.register_buffer(f"gate{i}_bias", b.detach().float().clone())
         self.layouts = list(layouts)
-        self.pooling = pooling
+        self.poolings = [pooling] * len(layouts) if isinstance(pooling, Pooling) else list(pooling)
+        if len(self.poolings) != len(layouts):
+            raise ValueError("GatedModel needs one pooling per gate")
         self.score = score
         self.gate_names = list(gate_names or [f"gate{i}" for i in range(len(weights))])
         self.reach_costs = list(reach_costs) if reach_costs is not None else None
@@ -166,7 +168,7 @@ class GatedModel(nn.Module):
     # -- inference --------------------------------------------------------------------------------
     def gate_outputs(self, g: int, h: torch.Tensor) -> torch.Tensor:
         """Gate ``g``'s outputs ``(N, K)`` for stage output ``h``."""
-        f = pool(h, self.pooling, self.layouts[g]).float()
+        f = pool(h, self.poolings[g], self.layouts[g]).float()
         return torch.addmm(self.gate_bias(g), f, self.gate_weight(g).t())
 
     @torch.inference_mode()
@@ -221,7 +223,8 @@ class GatedModel(nn.Module):
 
     def extra_repr(self) -> str:
         gates = ", ".join(f"{n}@{t:.4g}" for n, t in zip(self.gate_names, self.thresholds, strict=True))
-        return f"gates=[{gates}], score={self.score}, pooling={self.pooling}"
+        pools = ", ".join(map(str, self.poolings))
+        return f"gates=[{gates}], score={self.score}, pooling=[{pools}]"
 
     @property
     def classes(self) -> list[str]:

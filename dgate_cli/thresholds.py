@@ -22,7 +22,7 @@ gates, as the runtime skips closed ones.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -574,10 +574,7 @@ def drop_upper_bound(oc: GateOutcomes, thresholds: Sequence[float], confidence: 
     (the reverse). Given their number ``m``, ``lost`` is binomial, so the drop
     ``(lost - gained) / N = (2 p - 1) m / N`` is bounded with the Clopper-Pearson bound on ``p``.
     """
-    e = oc.exits(thresholds)
-    gated = oc.all_correct().gather(1, e[:, None]).squeeze(1)
-    lost = int((oc.final_correct & ~gated).sum())
-    gained = int((~oc.final_correct & gated).sum())
+    lost, gained = discordant(oc, thresholds)
     m = lost + gained
     if m == 0:
         return 0.0
@@ -612,20 +609,65 @@ def search_confident(
         return _with_target(search(oc, need / n), target_acc)
     if max_drop is None:
         raise SpecError("give target_acc or max_drop")
-    closed = tuple([INF] * oc.num_gates)
+    t = _bisect_nominal(oc, oc.backbone_accuracy - max_drop, lambda t: drop_upper_bound(oc, t, confidence) <= max_drop)
+    return _with_target(oc.evaluate(t), oc.backbone_accuracy - max_drop)
+
+
+def _bisect_nominal(oc: GateOutcomes, goal: float, ok: Callable[[tuple[float, ...]], bool], steps: int = 14) -> tuple[float, ...]:
+    """The cheapest :func:`search` result, over nominal targets from ``goal`` up, that ``ok`` accepts.
+
+    Cost falls as the nominal target falls, so this bisects for the lowest nominal target whose
+    thresholds ``ok`` still accepts (all gates closed, the backbone alone, is the fallback).
+    """
+    best: tuple[float, ...] = tuple([INF] * oc.num_gates)
     path = _Searcher(oc).lagrangian_path()
-    lo, hi = -0.05, max_drop  # nominal drops: the answer lies between
-    best_t: tuple[float, ...] = closed
-    for _ in range(14):
+    lo, hi = goal, min(1.0, goal + 0.05)  # nominal accuracy targets
+    for _ in range(steps):
         mid = (lo + hi) / 2
         try:
-            p = search(oc, oc.backbone_accuracy - mid, polish=False, _path=path)
+            p = search(oc, mid, polish=False, _path=path)
         except TargetUnreachableError:
-            lo = mid
-            continue
-        if drop_upper_bound(oc, p.thresholds, confidence) <= max_drop:
-            lo, best_t = mid, p.thresholds
-        else:
             hi = mid
-    point = oc.evaluate(best_t)
-    return _with_target(point, oc.backbone_accuracy - max_drop)
+            continue
+        if ok(p.thresholds):
+            hi, best = mid, p.thresholds
+        else:
+            lo = mid
+    if not ok(best):  # the bracket's top was not enough: keep the backbone
+        best = tuple([INF] * oc.num_gates)
+    return best
+
+
+def discordant(oc: GateOutcomes, thresholds: Sequence[float]) -> tuple[int, int]:
+    """``(lost, gained)``: samples the backbone gets right and the gated network wrong, and the reverse."""
+    e = oc.exits(thresholds)
+    gated = oc.all_correct().gather(1, e[:, None]).squeeze(1)
+    return int((oc.final_correct & ~gated).sum()), int((~oc.final_correct & gated).sum())
+
+
+def reserve(oc: GateOutcomes, thresholds: Sequence[float], z: float) -> float:
+    """``z`` standard deviations of the accuracy estimate's discordant part: ``z sqrt(lost + gained) / N``.
+
+    Only discordant samples make the gated accuracy differ from the backbone's, and the search picks
+    thresholds where they happen to fall well; keeping this much in reserve makes the target hold
+    on new data in expectation (measured in benchmarks/RESULTS.md).
+    """
+    lost, gained = discordant(oc, thresholds)
+    return z * math.sqrt(lost + gained) / oc.num_samples
+
+
+def search_reserved(oc: GateOutcomes, target: float, z: float) -> OperatingPoint:
+    """The cheapest thresholds with ``accuracy - reserve(z) >= target`` on the calibration outcomes.
+
+    ``z = 0`` is :func:`search` (the calibration split's accuracy alone: the paper's rule).
+
+    Raises:
+        TargetUnreachableError: if no thresholds reach ``target``.
+    """
+    if z < 0:
+        raise SpecError(f"the noise reserve z must be >= 0, got {z}")
+    if z == 0:
+        return search(oc, target)
+    search(oc, target, polish=False)  # raises TargetUnreachableError with the reachable accuracy
+    t = _bisect_nominal(oc, target, lambda t: oc.evaluate(t).accuracy - reserve(oc, t, z) >= target - 1e-12)
+    return _with_target(oc.evaluate(t), target)

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from .. import cache
 from ..extract import ExtractResult, extract
-from ..features import Pooling
+from ..features import DEFAULT_BUDGET, Pooling, PoolingPolicy
 from ..flops import human
 from . import _options as o
 from ._output import fail, note, out, pct, print_json, progress, warn
@@ -31,11 +31,14 @@ def extract_command(
     pool: Annotated[
         str | None,
         typer.Option(
-            help="Pooled grid sizes per gate: 1 (global), 2, 4, or several like 1,2. [default: 1]", show_default=False
+            help="Pooled grid per gate: auto (the finest of 4x4, 2x2, 1x1 within --pool-budget features), or 1, 2, 4, "
+            "or several like 1,2. [default: auto]",
+            show_default=False,
         ),
     ] = None,
-    pool_op: Annotated[
-        str | None, typer.Option(help="Pooling operation: avg, max or avg+max. [default: avg]", show_default=False)
+    pool_op: Annotated[str | None, typer.Option(help="Pooling operation: avg, max or avg+max. [default: avg]", show_default=False)] = None,
+    pool_budget: Annotated[
+        int | None, typer.Option(help="With --pool auto: most features per gate. [default: 1024]", show_default=False, min=1)
     ] = None,
     resize: Annotated[
         int | None, typer.Option(help="Resize the shorter side to N px (0: no resize).", show_default=False)
@@ -85,13 +88,14 @@ def extract_command(
         model, model_kwargs = old.model["spec"], model_kwargs or old.model["kwargs"]
         weights = weights or (old.weights or {}).get("source")
         gates = gates or ",".join(old.gates)
-        old_pool = Pooling.from_dict(old.pooling)
-        pooling = Pooling.parse(pool or ",".join(map(str, old_pool.sizes)), pool_op or "+".join(old_pool.ops))
+        old_pool = PoolingPolicy.from_dict(old.pooling)
+        old_sizes = "auto" if old_pool.sizes is None else ",".join(map(str, old_pool.sizes))
+        pooling = PoolingPolicy.parse(pool or old_sizes, pool_op or "+".join(old_pool.ops), pool_budget or old_pool.budget)
         preprocess = {**old.preprocess, **{k: v for k, v in preprocess.items() if v is not None}}
         splits = {**old.splits, **splits}
         feature_dtype = feature_dtype or old.feature_dtype
     else:
-        pooling = Pooling.parse(pool or "1", pool_op or "avg")
+        pooling = PoolingPolicy.parse(pool or "auto", pool_op or "avg", pool_budget or DEFAULT_BUDGET)
         if "train" not in splits or "val" not in splits:
             fail("pass --train and --val (the images to fit gates on and to calibrate thresholds on)")
     with progress(enabled=not json) as bar:
@@ -130,9 +134,11 @@ def render(result: ExtractResult) -> None:
         rate = "-" if s.reused else f"{s.images_per_second:,.0f}"
         table.add_row(s.split, f"{s.images:,}", pct(s.backbone_accuracy), f"{s.seconds:.1f} s", rate, state)
     out.print(table)
-    gates = ", ".join(f"{g} ({d})" for g, d in zip(c.gates, c.feature_sizes, strict=True))
-    out.print(f"gates (feature size): {gates}")
+    gates = ", ".join(
+        f"{g} ({Pooling.from_dict(p)}, {d})" for g, p, d in zip(c.gates, c.gate_pooling, c.feature_sizes, strict=True)
+    )
+    out.print(f"gates (pooling, features): {gates}")
     out.print(
-        f"pooling: {Pooling.from_dict(c.pooling)}   backbone cost: {human(c.costs['backbone'])}{c.costs['unit']} per image   device: {result.device}"
+        f"backbone cost: {human(c.costs['backbone'])}{c.costs['unit']} per image   device: {result.device}"
     )
     out.print(f"next: dgate fit {result.run_dir}")
