@@ -29,7 +29,7 @@ from dgate_cli import __version__
 from dgate_cli.data import iterate, make_loader, open_dataset, spread
 from dgate_cli.export import write_export
 from dgate_cli.extract import describe_run
-from dgate_cli.features import Pooling, pool
+from dgate_cli.features import PoolingPolicy, pool
 from dgate_cli.models import build_backbone
 
 
@@ -121,7 +121,8 @@ def main() -> None:
     require_shared()
     rows = []
     if a.r56:
-        for label, extra in (("resnet56 calibrated", []), ("resnet56 no exits", ["--thresholds", "1e30,1e30"])):
+        never = ",".join(["1e30"] * len(json.loads((a.r56 / "dgate.json").read_text())["gates"]))
+        for label, extra in (("resnet56 calibrated", []), ("resnet56 no exits", ["--thresholds", never])):
             for r in dgate_bench(a.r56, a.data, a.batch_size, a.images, extra):
                 rows.append(_row(label, r))
     if not a.skip_r50:

@@ -14,9 +14,19 @@ from ._version import __version__
 from .errors import NotFittedError, SpecError
 from .fit import FittedGates, read_gates
 from .gates import SCORES, gate_scores
-from .thresholds import Frontier, GateOutcomes, OperatingPoint, frontier, search, search_confident, sequential
+from .thresholds import (
+    Frontier,
+    GateOutcomes,
+    OperatingPoint,
+    frontier,
+    search,
+    search_confident,
+    search_reserved,
+    sequential,
+)
 
 CALIBRATION_JSON = "calibration.json"
+DEFAULT_RESERVE = 2.0
 
 
 def reach_costs(config: cache.RunConfig, names: list[str]) -> torch.Tensor:
@@ -110,6 +120,7 @@ def calibrate(
     gates: list[str] | None = None,
     polish: bool = True,
     confidence: float | None = None,
+    reserve: float = DEFAULT_RESERVE,
 ) -> CalibrationResult:
     """Choose thresholds with the lowest mean cost such that accuracy on ``split`` reaches the target.
 
@@ -122,6 +133,9 @@ def calibrate(
             ``softmax`` (default for ce gates) or ``entropy``.
         gates: use only these fitted gates (default: all).
         polish: refine the chosen point with pairwise moves.
+        reserve: keep this many standard deviations of the discordant-sample noise in reserve,
+            so that the target holds on new data in expectation (0: meet it on the calibration
+            split exactly, the paper's rule, which overfits the split).
         confidence: choose thresholds so that the target holds on new data from the same
             distribution with this probability (Clopper-Pearson bounds on the calibration split),
             instead of on the calibration split itself.
@@ -172,9 +186,12 @@ def calibrate(
     if confidence is not None:
         target["confidence"] = confidence
         chosen = search_confident(oc, confidence, target_acc=target_acc, max_drop=max_drop)
+    elif reserve > 0:
+        target["reserve"] = reserve
+        chosen = search_reserved(oc, goal, reserve)
     else:
         chosen = search(oc, goal, polish=polish)
-    return _finish(run_dir, split, len(data), names, score, goal, target, oc, chosen, config, warnings, t0)
+    return _finish(run_dir, split, len(data), names, score, goal, target, oc, chosen, config, warnings, t0, reserve)
 
 
 def _finish(
@@ -190,6 +207,7 @@ def _finish(
     config: cache.RunConfig,
     warnings: list[str],
     t0: float,
+    reserve: float,
 ) -> CalibrationResult:
     result = CalibrationResult(
         run_dir=run_dir,
@@ -202,7 +220,7 @@ def _finish(
         backbone_accuracy=oc.backbone_accuracy,
         chosen=chosen,
         sequential=sequential(oc, goal),
-        frontier=frontier(oc),
+        frontier=frontier(oc, z=reserve),
         reach_costs=oc.reach_costs.tolist(),
         gate_costs=oc.gate_costs.tolist(),
         unit=config.costs["unit"],

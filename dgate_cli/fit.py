@@ -28,7 +28,7 @@ from .gates import DEFAULT_C_GRID, LOSSES, LinearGate, choose_C
 GATES_JSON = "gates.json"
 GATES_TENSORS = "gates.safetensors"
 TARGETS = ("label", "backbone")
-DEFAULT_SCORE = {"hinge": "max", "ce": "softmax"}
+DEFAULT_SCORE = {"hinge": "margin", "ce": "softmax"}
 
 ProgressFn = Callable[[str, int, int], None]
 

@@ -133,8 +133,8 @@ class GatedModel(nn.Module):
         return self
 
     def use_operating_point(self, max_drop: float | None = None, index: int | None = None) -> OperatingPoint:
-        """Switch to a stored frontier point: the cheapest within ``max_drop`` of the most accurate
-        stored point, or the point at ``index``. Returns the point chosen.
+        """Switch to a stored frontier point: the cheapest whose promised accuracy (its calibration
+        target) is within ``max_drop`` of the backbone's, or the point at ``index``. Returns it.
 
         Example:
             >>> model.use_operating_point(max_drop=0.005).cost_ratio  # doctest: +SKIP
@@ -147,8 +147,13 @@ class GatedModel(nn.Module):
         if index is not None:
             point = self.frontier[index]
         else:
-            top = max(p.accuracy for p in self.frontier)
-            ok = [p for p in self.frontier if p.accuracy >= top - max_drop - 1e-12]  # type: ignore[operator]
+            # promised accuracy (the point's target, else what it reached) within max_drop of the backbone's
+            base = self.manifest.get("calibration", {}).get("backbone_accuracy")
+            promise = [p.target if p.target is not None else p.accuracy for p in self.frontier]
+            top = base if base is not None else max(promise)
+            ok = [p for p, a in zip(self.frontier, promise, strict=True) if a >= top - max_drop - 1e-12]  # type: ignore[operator]
+            if not ok:
+                ok = [self.frontier[max(range(len(promise)), key=promise.__getitem__)]]
             point = min(ok, key=lambda p: p.mean_cost)
         self.set_thresholds(list(point.thresholds))
         return point

@@ -494,19 +494,26 @@ class Frontier:
 DEFAULT_DROPS = (0.0, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2)
 
 
-def frontier(oc: GateOutcomes, drops: Sequence[float] = DEFAULT_DROPS, polish: bool = False) -> Frontier:
-    """Cheapest thresholds at each accuracy drop below the backbone's (non-dominated points only)."""
+def frontier(oc: GateOutcomes, drops: Sequence[float] = DEFAULT_DROPS, polish: bool = False, z: float = 0.0) -> Frontier:
+    """Cheapest thresholds at each accuracy drop below the backbone's (non-dominated points only).
+
+    With ``z > 0`` each point keeps the noise reserve of :func:`search_reserved`; a point's ``target``
+    is the accuracy it promises on new data, its ``accuracy`` what it reaches on the calibration split.
+    """
     points = []
     path = _Searcher(oc).lagrangian_path()
     for d in drops:
         target = max(0.0, oc.backbone_accuracy - d)
         try:
-            points.append(search(oc, target, polish=polish, _path=path))
+            if z > 0:
+                points.append(search_reserved(oc, target, z, _path=path))
+            else:
+                points.append(_with_target(search(oc, target, polish=polish, _path=path), target))
         except TargetUnreachableError:
             continue
-    points.sort(key=lambda p: (-p.accuracy, p.mean_cost))
+    points.sort(key=lambda p: (-(p.target or 0.0), p.mean_cost))
     kept: list[OperatingPoint] = []
-    for p in points:  # drop points that cost more than a more accurate one
+    for p in points:  # drop points that cost more than one promising more
         if not kept or p.mean_cost < kept[-1].mean_cost - 1e-9:
             kept.append(p)
     return Frontier(kept)
@@ -613,14 +620,20 @@ def search_confident(
     return _with_target(oc.evaluate(t), oc.backbone_accuracy - max_drop)
 
 
-def _bisect_nominal(oc: GateOutcomes, goal: float, ok: Callable[[tuple[float, ...]], bool], steps: int = 14) -> tuple[float, ...]:
+def _bisect_nominal(
+    oc: GateOutcomes,
+    goal: float,
+    ok: Callable[[tuple[float, ...]], bool],
+    steps: int = 12,
+    path: list[torch.Tensor] | None = None,
+) -> tuple[float, ...]:
     """The cheapest :func:`search` result, over nominal targets from ``goal`` up, that ``ok`` accepts.
 
     Cost falls as the nominal target falls, so this bisects for the lowest nominal target whose
     thresholds ``ok`` still accepts (all gates closed, the backbone alone, is the fallback).
     """
     best: tuple[float, ...] = tuple([INF] * oc.num_gates)
-    path = _Searcher(oc).lagrangian_path()
+    path = _Searcher(oc).lagrangian_path() if path is None else path
     lo, hi = goal, min(1.0, goal + 0.05)  # nominal accuracy targets
     for _ in range(steps):
         mid = (lo + hi) / 2
@@ -656,7 +669,7 @@ def reserve(oc: GateOutcomes, thresholds: Sequence[float], z: float) -> float:
     return z * math.sqrt(lost + gained) / oc.num_samples
 
 
-def search_reserved(oc: GateOutcomes, target: float, z: float) -> OperatingPoint:
+def search_reserved(oc: GateOutcomes, target: float, z: float, _path: list[torch.Tensor] | None = None) -> OperatingPoint:
     """The cheapest thresholds with ``accuracy - reserve(z) >= target`` on the calibration outcomes.
 
     ``z = 0`` is :func:`search` (the calibration split's accuracy alone: the paper's rule).
@@ -668,6 +681,7 @@ def search_reserved(oc: GateOutcomes, target: float, z: float) -> OperatingPoint
         raise SpecError(f"the noise reserve z must be >= 0, got {z}")
     if z == 0:
         return search(oc, target)
-    search(oc, target, polish=False)  # raises TargetUnreachableError with the reachable accuracy
-    t = _bisect_nominal(oc, target, lambda t: oc.evaluate(t).accuracy - reserve(oc, t, z) >= target - 1e-12)
+    path = _Searcher(oc).lagrangian_path() if _path is None else _path
+    search(oc, target, polish=False, _path=path)  # raises TargetUnreachableError with the reachable accuracy
+    t = _bisect_nominal(oc, target, lambda t: oc.evaluate(t).accuracy - reserve(oc, t, z) >= target - 1e-12, path=path)
     return _with_target(oc.evaluate(t), target)

@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DGATE_SHARED_DATA", REPO.parent / "shared" / "data"))
 CIFAR = SHARED / "cifar10-jpeg"
 CHECKPOINTS = SHARED / "checkpoints" / "cifar-resnet"
+# the demo CNN's default gate positions: every block but the last (stage1.1 and stage2.1 end their stages)
+DEMO_GATES = ["stage1.0", "stage1", "stage2.0", "stage2", "stage3.0"]
 R20 = CHECKPOINTS / "resnet20-12fca82f.th"
 R56 = CHECKPOINTS / "resnet56-4bfd9763.th"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO_GATES
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -238,7 +239,16 @@ def test_another_model_or_weights_is_refused_unless_overwrite(tmp_path, clean, d
     assert not torch.equal(cache.load_split(run, "val").logits, cache.load_split(clean[0], "val").logits)
     result = run_extract(run, data, None, model="cifar_resnet20", overwrite=True)
     assert cache.read_run(run).model["spec"] == "cifar_resnet20"
-    assert cache.read_run(run).gates == ["layer1", "layer2"]
+    assert cache.read_run(run).gates == [
+        "layer1.0",
+        "layer1.1",
+        "layer1",
+        "layer2.0",
+        "layer2.1",
+        "layer2",
+        "layer3.0",
+        "layer3.1",
+    ]
     assert all(not s.reused for s in result.splits.values())
 
 
@@ -248,7 +258,7 @@ def test_another_model_or_weights_is_refused_unless_overwrite(tmp_path, clean, d
 def test_load_split_shapes_and_bounded_shards(clean):
     run, result = clean
     config = json.loads((run / "run.json").read_text())
-    assert config["gates"] == ["stage1", "stage2"]
+    assert config["gates"] == DEMO_GATES
     for split, n in SIZES.items():
         sf = cache.load_split(run, split)
         assert len(sf) == n
@@ -293,7 +303,7 @@ def test_corrupt_run_json(tmp_path, clean, data, weights):
     with pytest.raises(CacheMismatchError):
         run_extract(run, data, weights)
     result = run_extract(run, data, weights, overwrite=True)
-    assert cache.read_run(run).gates == ["stage1", "stage2"]
+    assert cache.read_run(run).gates == DEMO_GATES
     assert all(s.images == SIZES[k] for k, s in result.splits.items())
 
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import DEMO_GATES
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -179,7 +180,7 @@ def test_extract_json_reports_sizes_and_the_backbone_accuracy(extracted, data, w
         assert s["images"] == len(ds) == n_files
         assert s["backbone_accuracy"] == pytest.approx(expected, abs=1e-12)
         assert s["reused"] is False
-    assert out["gates"] == ["stage1", "stage2"]
+    assert out["gates"] == DEMO_GATES
     assert json.loads((run / "run.json").read_text())["model"]["spec"] == "demo_cnn"
 
 
@@ -418,7 +419,17 @@ def test_stages_json():
     by_name = {r["name"]: r for r in rows}
     assert by_name["layer1"]["default"] is True
     assert by_name["layer2"]["default"] is True
-    assert [r["name"] for r in rows if r["default"]] == ["layer1", "layer2"]
+    # the blocks ending each third of every stage (here every block but the last)
+    assert [r["name"] for r in rows if r["default"]] == [
+        "layer1.0",
+        "layer1.1",
+        "layer1",
+        "layer2.0",
+        "layer2.1",
+        "layer2",
+        "layer3.0",
+        "layer3.1",
+    ]
     cum = [r["cumulative_macs"] for r in rows]
     assert all(b > a for a, b in zip(cum[:-1], cum[1:], strict=True)), cum
     assert 0 < rows[-1]["fraction"] < 1
@@ -469,13 +480,33 @@ def test_calibrate_passes_its_options(monkeypatch, tmp_path):
         return SimpleNamespace(to_dict=lambda: {"fake": True}, warnings=[])
 
     monkeypatch.setattr("dgate_cli.cli.calibrate.calibrate", fake_calibrate)
-    result = invoke("calibrate", tmp_path / "run", "--target-acc", "0.93", "--gates", "a,b", "--confidence", "0.9", "--json")
+    result = invoke(
+        "calibrate",
+        tmp_path / "run",
+        "--target-acc",
+        "0.93",
+        "--gates",
+        "a,b",
+        "--confidence",
+        "0.9",
+        "--reserve",
+        "1.5",
+        "--json",
+    )
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert json.loads(result.stdout) == {"fake": True}
     assert calls == [
         (
             (tmp_path / "run",),
-            {"target_acc": 0.93, "max_drop": None, "split": "val", "score": None, "gates": ["a", "b"], "confidence": 0.9},
+            {
+                "target_acc": 0.93,
+                "max_drop": None,
+                "split": "val",
+                "score": None,
+                "gates": ["a", "b"],
+                "confidence": 0.9,
+                "reserve": 1.5,
+            },
         )
     ]
 

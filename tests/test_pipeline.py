@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO_GATES
 from safetensors import safe_open
 
 import dgate_cli
@@ -150,7 +151,7 @@ def copy_export(pipe: Pipeline, tmp_path: Path) -> Path:
 
 def test_the_pipeline_calibrates_to_its_target(pipe: Pipeline):
     cal = pipe.calibration
-    assert cal.gates == ["stage1", "stage2"]
+    assert cal.gates == DEMO_GATES
     assert cal.target_accuracy == pytest.approx(cal.backbone_accuracy - MAX_DROP)
     assert cal.chosen.accuracy >= cal.target_accuracy
     assert cal.backbone_accuracy == pipe.extracted.splits["val"].backbone_accuracy
@@ -206,7 +207,7 @@ def test_evaluate_on_held_out_test_images(pipe: Pipeline):
     full = evaluate(pipe.export_dir, str(pipe.data["test"]), device="cpu", batch_size=64, workers=0)
     assert full.backbone_accuracy == pipe.extracted.splits["test"].backbone_accuracy
     assert full.flops_ratio < 1.0
-    assert full.to_dict()["exit_fractions"].keys() == {"stage1", "stage2", "backbone"}
+    assert full.to_dict()["exit_fractions"].keys() == {*DEMO_GATES, "backbone"}
 
 
 # -- the runtime skips work --------------------------------------------------------------------------
@@ -225,21 +226,22 @@ def test_samples_that_exit_skip_the_later_stages(pipe: Pipeline, val_images, cac
     model = dgate_cli.load(pipe.export_dir)
     x = val_images[0][:200]
     G = model.num_gates
-    assert G == 2 and len(model.stages) == 3
+    assert len(DEMO_GATES) == G and len(model.stages) == G + 1
     seen, handles = record_stage_inputs(model)
 
     t0 = mixed_thresholds(cached[0])[0]
-    model.set_thresholds([t0, math.inf])
+    only_first = [t0] + [math.inf] * (G - 1)
+    model.set_thresholds(only_first)
     out = model(x)
     leave = int((out.exit == 0).sum())
     assert 0 < leave < 200
-    assert seen == [[200], [200 - leave], [200 - leave]]
+    assert seen == [[200]] + [[200 - leave]] * G
 
     for s in seen:
         s.clear()
     model.set_thresholds([-math.inf] * G)
     out = model(x)
-    assert seen == [[200], [], []]
+    assert seen == [[200]] + [[]] * G
     assert bool((out.exit == 0).all())
 
     calls = []
@@ -255,10 +257,10 @@ def test_samples_that_exit_skip_the_later_stages(pipe: Pipeline, val_images, cac
     model.set_thresholds([math.inf] * G)
     out = model(x)
     assert calls == []
-    assert seen == [[200], [200], [200]]
+    assert seen == [[200]] * (G + 1)
     assert bool((out.exit == G).all())
     assert torch.equal(out.pred, model.backbone_forward(x).argmax(1))
-    model.set_thresholds([t0, math.inf])
+    model.set_thresholds(only_first)
     model(x)
     assert calls == [0]  # the closed gate is never computed
     for h in handles:
@@ -297,9 +299,10 @@ def test_operating_points_switch_without_recalibrating(pipe: Pipeline, val_image
     assert fractions == pytest.approx(list(first.exit_fractions), abs=1e-12)
 
     loose = model.use_operating_point(max_drop=0.1)
-    top = max(p.accuracy for p in model.frontier)
-    allowed = [p for p in model.frontier if p.accuracy >= top - 0.1 - 1e-12]
-    assert loose.accuracy >= top - 0.1 - 1e-12
+    # a point promises its calibration target: the cheapest within max_drop of the backbone's accuracy
+    base = model.manifest["calibration"]["backbone_accuracy"]
+    allowed = [p for p in model.frontier if p.target >= base - 0.1 - 1e-12]
+    assert loose.target >= base - 0.1 - 1e-12
     assert loose.mean_cost == min(p.mean_cost for p in allowed)
     assert model.thresholds == list(loose.thresholds)
     out_loose = model(x)
@@ -315,12 +318,12 @@ def test_operating_points_switch_without_recalibrating(pipe: Pipeline, val_image
     assert torch.equal(model(x).exit, calibrated.exit)
     assert model.exit_costs() == costs_before
 
-    with pytest.raises(ValueError, match="expected 2 thresholds"):
+    with pytest.raises(ValueError, match=f"expected {model.num_gates} thresholds"):
         model.set_thresholds([0.0])
     with pytest.raises(ValueError):
-        model.set_thresholds([0.0, 1.0, 2.0])
+        model.set_thresholds([0.0] * (model.num_gates + 1))
     with pytest.raises(ValueError, match="NaN"):
-        model.set_thresholds([float("nan"), 0.0])
+        model.set_thresholds([float("nan")] + [0.0] * (model.num_gates - 1))
     with pytest.raises(ValueError, match="exactly one"):
         model.use_operating_point()
     with pytest.raises(ValueError, match="exactly one"):
@@ -420,14 +423,15 @@ def test_manifest_keys_are_exactly_the_known_ones(pipe: Pipeline):
 def test_weights_file_holds_the_backbone_and_the_gates(pipe: Pipeline):
     with safe_open(str(pipe.export_dir / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
-        gate_shapes = [tuple(f.get_tensor(f"gates.{i}.weight").shape) for i in range(2)]
-        bias_shapes = [tuple(f.get_tensor(f"gates.{i}.bias").shape) for i in range(2)]
+        G = len(DEMO_GATES)
+        gate_shapes = [tuple(f.get_tensor(f"gates.{i}.weight").shape) for i in range(G)]
+        bias_shapes = [tuple(f.get_tensor(f"gates.{i}.bias").shape) for i in range(G)]
     expected = {f"backbone.{k}" for k in demo.demo_cnn().state_dict()}
-    expected |= {f"gates.{i}.{p}" for i in range(2) for p in ("weight", "bias")}
+    expected |= {f"gates.{i}.{p}" for i in range(G) for p in ("weight", "bias")}
     assert keys == expected
     sizes = pipe.extracted.config.feature_sizes
-    assert gate_shapes == [(10, sizes[0]), (10, sizes[1])]
-    assert bias_shapes == [(10,), (10,)]
+    assert gate_shapes == [(10, d) for d in sizes]
+    assert bias_shapes == [(10,)] * G
 
 
 # -- export's own safety -----------------------------------------------------------------------------

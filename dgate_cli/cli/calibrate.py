@@ -30,11 +30,19 @@ def calibrate_command(
     score: Annotated[
         str | None,
         typer.Option(
-            help="Exit rule: max (largest distance), margin, softmax or entropy. Default: max for hinge gates, softmax for ce.",
+            help="Exit rule: max (largest distance), margin, softmax or entropy. Default: margin (largest minus second largest distance) for hinge gates, softmax for ce.",
             show_default=False,
         ),
     ] = None,
     gates: o.Gates = None,
+    reserve: Annotated[
+        float,
+        typer.Option(
+            help="Standard deviations of calibration noise to keep in reserve so the target holds on new data "
+            "in expectation; 0 fits the calibration split exactly (the paper's rule).",
+            min=0.0,
+        ),
+    ] = 2.0,
     confidence: Annotated[
         float | None,
         typer.Option(
@@ -64,6 +72,7 @@ def calibrate_command(
         score=score,
         gates=o.split_list(gates),
         confidence=confidence,
+        reserve=reserve,
     )
     if plot is not None:
         plot_frontiers(

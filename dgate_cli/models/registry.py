@@ -48,6 +48,22 @@ def _cifar_resnet_candidates(m: nn.Module) -> list[str]:
     return _resnet_blocks(m, ["layer1", "layer2", "layer3"])[:-1]
 
 
+def _thirds(m: nn.Module, stages: list[str]) -> list[str]:
+    """The blocks ending each third of every stage; in the last stage the block before its end.
+
+    CIFAR ResNet-56 (9 blocks a stage): layer1.2, layer1.5, layer1.8, ..., layer3.5, layer3.7. Gates
+    inside stages, not only between them, let samples leave as soon as they are easy enough
+    (measured in benchmarks/RESULTS.md).
+    """
+    names: list[str] = []
+    for s_i, s in enumerate(stages):
+        n = len(getattr(m, s))
+        last = n - 2 if s_i == len(stages) - 1 else n - 1
+        for idx in sorted({min(last, max(0, round(n * k / 3) - 1)) for k in (1, 2, 3)}):
+            names.append(f"{s}.{idx}")
+    return names
+
+
 def _resnet_candidates(m: nn.Module) -> list[str]:
     return _resnet_blocks(m, ["layer1", "layer2", "layer3", "layer4"])[:-1]
 
@@ -132,7 +148,7 @@ def _fixed(names: list[str]) -> Callable[[nn.Module], list[str]]:
     return lambda m: list(names)
 
 
-register(Family("cifar_resnet", (CifarResNet,), _cifar_resnet_candidates, _fixed(["layer1", "layer2"])))
+register(Family("cifar_resnet", (CifarResNet,), _cifar_resnet_candidates, lambda m: _thirds(m, ["layer1", "layer2", "layer3"])))
 register(Family("resnet", (tvm.ResNet,), _resnet_candidates, _fixed(["layer1", "layer2", "layer3"])))
 register(Family("densenet", (tvm.DenseNet,), _densenet_candidates, _densenet_defaults))
 register(Family("mobilenet", (tvm.MobileNetV2, tvm.MobileNetV3), _mobilenet_candidates, _before_downsampling))
@@ -151,7 +167,7 @@ def _demo_candidates(m: nn.Module) -> list[str]:
 def _register_demo() -> None:
     from ..demo import DemoCNN
 
-    register(Family("demo_cnn", (DemoCNN,), _demo_candidates, _fixed(["stage1", "stage2"])))
+    register(Family("demo_cnn", (DemoCNN,), _demo_candidates, _demo_candidates))
 
 
 _register_demo()
