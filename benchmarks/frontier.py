@@ -147,7 +147,11 @@ def methods_for(run: Path) -> tuple[list[Method], GateOutcomes, cache.RunConfig]
 
     paper = _fit_outputs(run, "paper", "hinge", PAPER_GATES, gavg, splits)
     ms = [
-        Method("paper", *(_outcomes(paper[s], splits[s], PAPER_GATES, "max", p_reach, p_cost) for s in ("val", "test")), 0.0),
+        Method(
+            "paper",
+            *(_outcomes(paper[s], splits[s], PAPER_GATES, "max", p_reach, p_cost) for s in ("val", "test")),
+            0.0,
+        ),
         Method("ce-softmax", *(_outcomes(ce[s], splits[s], names, "softmax", reach, gcost) for s in ("val", "test"))),
         Method("ce-entropy", *(_outcomes(ce[s], splits[s], names, "entropy", reach, gcost) for s in ("val", "test"))),
         Method("dgate", dg["val"], dg["test"]),
@@ -284,7 +288,9 @@ def _plot(plots: list[dict], path: Path) -> None:
             if label.endswith(("-z0", "-c95")):
                 continue
             pts = sorted(pts)
-            ax.plot([100 * c for c, _ in pts], [100 * a for _, a in pts], marker="o", markersize=3, label=label.split()[-1])
+            ax.plot(
+                [100 * c for c, _ in pts], [100 * a for _, a in pts], marker="o", markersize=3, label=label.split()[-1]
+            )
         ax.axhline(100 * p["backbone"], color="grey", linestyle="--", linewidth=1, label="backbone")
         ax.set_title(f"{p['model']}: test accuracy vs cost (calibrated on val)")
         ax.set_xlabel("mean MACs per image (% of the backbone, gates included)")

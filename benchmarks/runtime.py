@@ -67,7 +67,12 @@ def make_resnet50_export(out: Path, data: str, images: int, fractions=(0.3, 0.2,
         "gates": [
             {"name": c.name, "layout": lay, "pooling": p.to_dict(), "features": d, "cost": gc}
             for c, lay, p, d, gc in zip(
-                info["cuts"], info["layouts"], info["poolings"], info["feature_sizes"], info["costs"]["gates"], strict=True
+                info["cuts"],
+                info["layouts"],
+                info["poolings"],
+                info["feature_sizes"],
+                info["costs"]["gates"],
+                strict=True,
             )
         ],
         "pooling": policy.to_dict(),

@@ -105,7 +105,8 @@ def describe_run(
     num_classes = int(outs[-1].shape[-1])
     costs = stage_costs(stages, example)
     gates_macs = [
-        gate_macs(p.macs(tuple(o.shape[1:])), int(f.shape[1]), num_classes) for o, p, f in zip(outs, poolings, feats, strict=False)
+        gate_macs(p.macs(tuple(o.shape[1:])), int(f.shape[1]), num_classes)
+        for o, p, f in zip(outs, poolings, feats, strict=False)
     ]
     return {
         "cuts": cuts,
@@ -329,7 +330,9 @@ def _extract_split(
                 for k, stage in enumerate(stages):
                     x = stage(x)
                     if k < len(config.gates):
-                        batch[cache.feature_key(config.gates[k])] = pool(x, poolings[k], config.layouts[k]).to(dtype).cpu()
+                        batch[cache.feature_key(config.gates[k])] = (
+                            pool(x, poolings[k], config.layouts[k]).to(dtype).cpu()
+                        )
                 logits = x.float().cpu()
                 batch.update(logits=logits, labels=labels, index=idx)
                 correct += int((logits.argmax(1) == labels).sum())

@@ -139,12 +139,20 @@ class PoolingPolicy:
         return str(Pooling(self.sizes, self.ops))
 
     def to_dict(self) -> dict:
-        return {"sizes": "auto" if self.sizes is None else list(self.sizes), "ops": list(self.ops), "budget": self.budget}
+        return {
+            "sizes": "auto" if self.sizes is None else list(self.sizes),
+            "ops": list(self.ops),
+            "budget": self.budget,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> PoolingPolicy:
         sizes = d.get("sizes", "auto")
-        return cls(None if sizes == "auto" else tuple(sizes), tuple(d.get("ops", ("avg",))), int(d.get("budget", DEFAULT_BUDGET)))
+        return cls(
+            None if sizes == "auto" else tuple(sizes),
+            tuple(d.get("ops", ("avg",))),
+            int(d.get("budget", DEFAULT_BUDGET)),
+        )
 
 
 def layout_of(x: torch.Tensor, channels_last: bool = False) -> str:

@@ -72,7 +72,7 @@ def list_stages(
     costs = stage_costs(stages, x)
     total = sum(c.macs for c in costs)
     rows, cum = [], 0
-    for cut, o, c in zip(cuts, outs, costs):
+    for cut, o, c in zip(cuts, outs[: len(cuts)], costs[: len(cuts)], strict=True):
         cum += c.macs
         rows.append(
             StageRow(cut.name, list(cut.aliases[1:]), list(o.shape[1:]), c.macs, cum, cum / total, cut.name in defaults)

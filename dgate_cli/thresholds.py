@@ -494,7 +494,9 @@ class Frontier:
 DEFAULT_DROPS = (0.0, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2)
 
 
-def frontier(oc: GateOutcomes, drops: Sequence[float] = DEFAULT_DROPS, polish: bool = False, z: float = 0.0) -> Frontier:
+def frontier(
+    oc: GateOutcomes, drops: Sequence[float] = DEFAULT_DROPS, polish: bool = False, z: float = 0.0
+) -> Frontier:
     """Cheapest thresholds at each accuracy drop below the backbone's (non-dominated points only).
 
     With ``z > 0`` each point keeps the noise reserve of :func:`search_reserved`; a point's ``target``
@@ -669,7 +671,9 @@ def reserve(oc: GateOutcomes, thresholds: Sequence[float], z: float) -> float:
     return z * math.sqrt(lost + gained) / oc.num_samples
 
 
-def search_reserved(oc: GateOutcomes, target: float, z: float, _path: list[torch.Tensor] | None = None) -> OperatingPoint:
+def search_reserved(
+    oc: GateOutcomes, target: float, z: float, _path: list[torch.Tensor] | None = None
+) -> OperatingPoint:
     """The cheapest thresholds with ``accuracy - reserve(z) >= target`` on the calibration outcomes.
 
     ``z = 0`` is :func:`search` (the calibration split's accuracy alone: the paper's rule).

@@ -1,6 +1,6 @@
 """Use an exported gated model from Python: predictions, exits, and switching operating points.
 
-    python examples/python_api.py models/r56-gated ../shared/data/cifar10-jpeg/test
+python examples/python_api.py models/r56-gated ../shared/data/cifar10-jpeg/test
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ def main(model_dir: str, images: str) -> None:
 
     out = model(x)  # samples leave the batch at their own gate
     print(f"gates {model.gate_names}, thresholds {[round(t, 3) for t in model.thresholds]}")
-    print(f"accuracy {(out.pred == y).float().mean():.4f}, backbone {(model.backbone_forward(x).argmax(1) == y).float().mean():.4f}")
+    print(
+        f"accuracy {(out.pred == y).float().mean():.4f}, backbone {(model.backbone_forward(x).argmax(1) == y).float().mean():.4f}"
+    )
     print("exit fractions", torch.bincount(out.exit, minlength=model.num_gates + 1).div(len(y)).tolist())
 
     # the stored frontier: trade accuracy for cost at run time, without recalibrating

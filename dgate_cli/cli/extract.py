@@ -36,9 +36,12 @@ def extract_command(
             show_default=False,
         ),
     ] = None,
-    pool_op: Annotated[str | None, typer.Option(help="Pooling operation: avg, max or avg+max. [default: avg]", show_default=False)] = None,
+    pool_op: Annotated[
+        str | None, typer.Option(help="Pooling operation: avg, max or avg+max. [default: avg]", show_default=False)
+    ] = None,
     pool_budget: Annotated[
-        int | None, typer.Option(help="With --pool auto: most features per gate. [default: 1024]", show_default=False, min=1)
+        int | None,
+        typer.Option(help="With --pool auto: most features per gate. [default: 1024]", show_default=False, min=1),
     ] = None,
     resize: Annotated[
         int | None, typer.Option(help="Resize the shorter side to N px (0: no resize).", show_default=False)
@@ -90,7 +93,9 @@ def extract_command(
         gates = gates or ",".join(old.gates)
         old_pool = PoolingPolicy.from_dict(old.pooling)
         old_sizes = "auto" if old_pool.sizes is None else ",".join(map(str, old_pool.sizes))
-        pooling = PoolingPolicy.parse(pool or old_sizes, pool_op or "+".join(old_pool.ops), pool_budget or old_pool.budget)
+        pooling = PoolingPolicy.parse(
+            pool or old_sizes, pool_op or "+".join(old_pool.ops), pool_budget or old_pool.budget
+        )
         preprocess = {**old.preprocess, **{k: v for k, v in preprocess.items() if v is not None}}
         splits = {**old.splits, **splits}
         feature_dtype = feature_dtype or old.feature_dtype
@@ -138,7 +143,5 @@ def render(result: ExtractResult) -> None:
         f"{g} ({Pooling.from_dict(p)}, {d})" for g, p, d in zip(c.gates, c.gate_pooling, c.feature_sizes, strict=True)
     )
     out.print(f"gates (pooling, features): {gates}")
-    out.print(
-        f"backbone cost: {human(c.costs['backbone'])}{c.costs['unit']} per image   device: {result.device}"
-    )
+    out.print(f"backbone cost: {human(c.costs['backbone'])}{c.costs['unit']} per image   device: {result.device}")
     out.print(f"next: dgate fit {result.run_dir}")

@@ -43,7 +43,14 @@ def stages_command(
     for col in cols + (["aliases"] if all_ else []):
         table.add_column(col, justify="right" if "MAC" in col or col == "of model" else "left")
     for r in report.rows:
-        row = ["*" if r.default else "", r.name, "x".join(map(str, r.shape)), human(r.macs), human(r.cumulative_macs), f"{100 * r.fraction:.1f}%"]
+        row = [
+            "*" if r.default else "",
+            r.name,
+            "x".join(map(str, r.shape)),
+            human(r.macs),
+            human(r.cumulative_macs),
+            f"{100 * r.fraction:.1f}%",
+        ]
         table.add_row(*row, *([", ".join(r.aliases)] if all_ else []))
     out.print(table)
     out.print("* default gate positions; --all lists every stage boundary (with the other module names of each)")

@@ -148,7 +148,11 @@ def _fixed(names: list[str]) -> Callable[[nn.Module], list[str]]:
     return lambda m: list(names)
 
 
-register(Family("cifar_resnet", (CifarResNet,), _cifar_resnet_candidates, lambda m: _thirds(m, ["layer1", "layer2", "layer3"])))
+register(
+    Family(
+        "cifar_resnet", (CifarResNet,), _cifar_resnet_candidates, lambda m: _thirds(m, ["layer1", "layer2", "layer3"])
+    )
+)
 register(Family("resnet", (tvm.ResNet,), _resnet_candidates, _fixed(["layer1", "layer2", "layer3"])))
 register(Family("densenet", (tvm.DenseNet,), _densenet_candidates, _densenet_defaults))
 register(Family("mobilenet", (tvm.MobileNetV2, tvm.MobileNetV3), _mobilenet_candidates, _before_downsampling))
