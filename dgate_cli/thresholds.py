@@ -626,31 +626,57 @@ def _bisect_nominal(
     oc: GateOutcomes,
     goal: float,
     ok: Callable[[tuple[float, ...]], bool],
-    steps: int = 12,
     path: list[torch.Tensor] | None = None,
+    guess: Callable[[tuple[float, ...]], float] | None = None,
 ) -> tuple[float, ...]:
     """The cheapest :func:`search` result, over nominal targets from ``goal`` up, that ``ok`` accepts.
 
-    Cost falls as the nominal target falls, so this bisects for the lowest nominal target whose
-    thresholds ``ok`` still accepts (all gates closed, the backbone alone, is the fallback).
+    Cost falls as the nominal target falls, so this looks for the lowest nominal count of correct
+    samples whose thresholds ``ok`` still accepts (all gates closed, the backbone alone, is the
+    fallback). ``guess(thresholds)`` proposes a nominal accuracy from a rejected point (e.g. the
+    goal plus that point's reserve); a few such steps bracket the answer tightly, then integer
+    bisection finishes it. Each count is searched at most once.
     """
-    best: tuple[float, ...] = tuple([INF] * oc.num_gates)
+    n = oc.num_samples
     path = _Searcher(oc).lagrangian_path() if path is None else path
-    lo, hi = goal, min(1.0, goal + 0.05)  # nominal accuracy targets
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        try:
-            p = search(oc, mid, polish=False, _path=path)
-        except TargetUnreachableError:
+    memo: dict[int, tuple[float, ...] | None] = {}
+
+    def at(need: int) -> tuple[float, ...] | None:
+        if need not in memo:
+            try:
+                memo[need] = search(oc, need / n, polish=False, _path=path).thresholds
+            except TargetUnreachableError:
+                memo[need] = None
+        return memo[need]
+
+    def good(need: int) -> bool:
+        t = at(need)
+        return t is not None and ok(t)
+
+    lo = _need(goal, n) - 1  # the largest count known to be rejected (or below the goal)
+    searcher = _Searcher(oc)
+    reachable = int(searcher.totals(searcher.best_for(n, path[:1], polish=False))[0])
+    hi = min(reachable, _need(min(1.0, goal + 0.05), n))  # the bracket's top
+    if hi <= lo:
+        return tuple([INF] * oc.num_gates)
+    if not good(hi):
+        return tuple([INF] * oc.num_gates)  # the bracket's top is not enough: keep the backbone
+    if guess is not None:
+        probe = lo + 1
+        for _ in range(4):  # guided steps: bracket the answer from below
+            if probe >= hi or good(probe):
+                hi = min(hi, probe)
+                break
+            lo = probe
+            t = at(probe)
+            probe = max(probe + 1, _need(guess(t), n)) if t is not None else hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if good(mid):
             hi = mid
-            continue
-        if ok(p.thresholds):
-            hi, best = mid, p.thresholds
         else:
             lo = mid
-    if not ok(best):  # the bracket's top was not enough: keep the backbone
-        best = tuple([INF] * oc.num_gates)
-    return best
+    return at(hi)  # type: ignore[return-value]
 
 
 def discordant(oc: GateOutcomes, thresholds: Sequence[float]) -> tuple[int, int]:
@@ -687,5 +713,11 @@ def search_reserved(
         return search(oc, target)
     path = _Searcher(oc).lagrangian_path() if _path is None else _path
     search(oc, target, polish=False, _path=path)  # raises TargetUnreachableError with the reachable accuracy
-    t = _bisect_nominal(oc, target, lambda t: oc.evaluate(t).accuracy - reserve(oc, t, z) >= target - 1e-12, path=path)
+    t = _bisect_nominal(
+        oc,
+        target,
+        lambda t: oc.evaluate(t).accuracy - reserve(oc, t, z) >= target - 1e-12,
+        path=path,
+        guess=lambda t: target + reserve(oc, t, z),
+    )
     return _with_target(oc.evaluate(t), target)

@@ -585,7 +585,7 @@ def real_outcomes(tmp_path_factory) -> GateOutcomes:
         cal_dir = _subset(CIFAR / "test", root / "cal", 150)
         run = root / "run"
         splits = {"train": str(fit_dir), "val": str(cal_dir)}
-        extract(run, "cifar_resnet20", splits, weights=str(R20), device="cpu", workers=0)
+        extract(run, "cifar_resnet20", splits, weights=str(R20), gates=["layer1", "layer2"], device="cpu", workers=0)
         fit(run, C=0.01)
         gates = read_gates(run)
         oc, _ = outcomes(cache.read_run(run), gates, cache.load_split(run, "val"), gates.names, "max")
