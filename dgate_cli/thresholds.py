@@ -591,7 +591,11 @@ def drop_upper_bound(oc: GateOutcomes, thresholds: Sequence[float], confidence: 
 
 
 def search_confident(
-    oc: GateOutcomes, confidence: float, target_acc: float | None = None, max_drop: float | None = None
+    oc: GateOutcomes,
+    confidence: float,
+    target_acc: float | None = None,
+    max_drop: float | None = None,
+    _path: list[torch.Tensor] | None = None,
 ) -> OperatingPoint:
     """The cheapest thresholds whose target holds on new data with probability ``confidence``.
 
@@ -618,7 +622,9 @@ def search_confident(
         return _with_target(search(oc, need / n), target_acc)
     if max_drop is None:
         raise SpecError("give target_acc or max_drop")
-    t = _bisect_nominal(oc, oc.backbone_accuracy - max_drop, lambda t: drop_upper_bound(oc, t, confidence) <= max_drop)
+    t = _bisect_nominal(
+        oc, oc.backbone_accuracy - max_drop, lambda t: drop_upper_bound(oc, t, confidence) <= max_drop, path=_path
+    )
     return _with_target(oc.evaluate(t), oc.backbone_accuracy - max_drop)
 
 

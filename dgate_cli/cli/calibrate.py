@@ -98,10 +98,19 @@ def render(r: CalibrationResult) -> None:
         title=f"accuracy / cost frontier on '{r.split}' ({r.num_samples:,} images, backbone {pct(r.backbone_accuracy)})",
         title_justify="left",
     )
-    for col in ("accuracy", "vs backbone", f"mean {r.unit}", "cost ratio", "reduction", "exits " + " / ".join(exits)):
+    for col in (
+        "promises",
+        f"on {r.split}",
+        "vs backbone",
+        f"mean {r.unit}",
+        "cost ratio",
+        "reduction",
+        "exits " + " / ".join(exits),
+    ):
         table.add_column(col, justify="right")
     for p in r.frontier.points:
         table.add_row(
+            pct(p.target if p.target is not None else p.accuracy),
             pct(p.accuracy),
             f"{100 * (p.accuracy - r.backbone_accuracy):+.2f} pt",
             human(p.mean_cost),
@@ -127,6 +136,11 @@ def render(r: CalibrationResult) -> None:
         )
     chosen.add_row("backbone", "-", pct(c.exit_fractions[-1], 1), human(r.backbone_cost + spent))
     out.print(chosen)
+    if r.target.get("reserve"):
+        out.print(
+            f"'promises': the accuracy each point should keep on new data; on {r.split} it keeps "
+            f"{r.target['reserve']:g} standard deviations of the discordant-sample noise above it (--reserve)"
+        )
     out.print(
         f"calibrated accuracy {pct(c.accuracy)} (backbone {pct(r.backbone_accuracy)}), mean cost {human(c.mean_cost)}{r.unit} "
         f"= {c.cost_ratio:.3f} x backbone: predicted reduction [bold]{pct(1 - c.cost_ratio, 1)}[/] "
