@@ -61,7 +61,7 @@ class Method:
     def calibrate(self, oc: GateOutcomes, drop: float) -> OperatingPoint | None:
         try:
             if self.confidence is not None:
-                return search_confident(oc, self.confidence, max_drop=drop, _path=_path(oc))
+                return search_confident(oc, self.confidence, max_drop=drop)
             return search_reserved(oc, oc.backbone_accuracy - drop, self.reserve, _path=_path(oc))
         except TargetUnreachableError:
             return None

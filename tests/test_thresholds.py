@@ -23,7 +23,10 @@ from dgate_cli.thresholds import (
     frontier,
     max_accuracy,
     search,
+    search_confident,
+    search_reserved,
     sequential,
+    subset,
 )
 
 INF = math.inf
@@ -621,3 +624,53 @@ def test_search_on_real_outcomes(real_outcomes, drop):
     rel = 1e-9 * oc.backbone_cost
     assert p.mean_cost <= grid_cost + rel, (p.mean_cost, p.thresholds, grid_cost, grid_thresholds)
     assert p.mean_cost <= sequential(oc, target).mean_cost + rel
+
+
+# -- calibration that holds on new data ---------------------------------------------------------------
+
+
+def _population(n: int, seed: int) -> GateOutcomes:
+    """Two gates whose scores and correctness rise with a hidden easiness; the backbone is right 85% of the time."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(n, generator=g)
+    scores = torch.stack([u + 0.3 * torch.randn(n, generator=g), u + 0.2 * torch.randn(n, generator=g)], 1)
+    correct = torch.rand(n, 2, generator=g) < torch.stack([0.3 + 0.6 * u, 0.5 + 0.45 * u], 1)
+    final = torch.rand(n, generator=g) < 0.85
+    reach = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    return GateOutcomes(scores, correct, final, reach, torch.tensor([0.05, 0.05], dtype=torch.float64))
+
+
+def test_confidence_holds_on_new_data_where_the_plain_search_does_not():
+    """Calibrate on 24 samples of 1,000 from a population and check the population's true drop."""
+    pop = _population(400_000, 0)
+    held = {"confident": 0, "plain": 0, "reserved": 0}
+    excess, costs = [], []
+    for trial in range(24):
+        idx = torch.randint(0, pop.num_samples, (1000,), generator=torch.Generator().manual_seed(100 + trial))
+        cal = subset(pop, idx)
+        points = {
+            "confident": search_confident(cal, 0.9, max_drop=0.02),
+            "plain": search(cal, cal.backbone_accuracy - 0.02, polish=False),
+            "reserved": search_reserved(cal, cal.backbone_accuracy - 0.02, 2.0),
+        }
+        for name, p in points.items():
+            drop = pop.backbone_accuracy - pop.evaluate(p.thresholds).accuracy
+            held[name] += drop <= 0.02
+            if name == "reserved":
+                excess.append(drop - 0.02)
+        costs.append(pop.evaluate(points["confident"].thresholds).cost_ratio)
+        assert points["confident"].target == pytest.approx(cal.backbone_accuracy - 0.02)
+    assert held["confident"] >= 22  # at least 90% of the time (measured: 24 of 24)
+    assert held["plain"] <= 12  # the plain search overfits its split (measured: 6 of 24)
+    assert sum(excess) / len(excess) < 0.003  # the reserve: the target holds in expectation (measured: -1.4 points)
+    assert sum(costs) / len(costs) < 0.97  # and the confident thresholds still let samples out (measured: 0.91)
+
+
+def test_confidence_refuses_what_even_the_backbone_cannot_show():
+    cal = subset(_population(10_000, 1), torch.arange(200))
+    with pytest.raises(TargetUnreachableError, match="cannot be guaranteed with confidence 0.99"):
+        search_confident(cal, 0.99, target_acc=0.99)
+    with pytest.raises(SpecError, match="--confidence must be in"):
+        search_confident(cal, 0.2, max_drop=0.01)
+    with pytest.raises(SpecError, match="at least 20 images"):
+        search_confident(subset(cal, torch.arange(10)), 0.9, max_drop=0.01)
