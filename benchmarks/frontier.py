@@ -43,10 +43,19 @@ from dgate_cli.errors import TargetUnreachableError
 from dgate_cli.fit import read_gates
 from dgate_cli.flops import gate_macs
 from dgate_cli.gates import DEFAULT_C_GRID, LinearGate, choose_C, gate_scores
-from dgate_cli.thresholds import GateOutcomes, OperatingPoint, _Searcher, search_confident, search_reserved
+from dgate_cli.thresholds import (
+    GateOutcomes,
+    OperatingPoint,
+    _Searcher,
+    search,
+    search_confident,
+    search_reserved,
+    subset,
+)
 
 DROPS = (0.002, 0.005, 0.01, 0.02)
 PLOT_DROPS = (0.0, 0.03)
+CURVE_DROPS = (-0.01, -0.005, 0.0, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04)
 PAPER_GATES = ("layer1", "layer2")
 
 
@@ -75,10 +84,6 @@ def _path(oc: GateOutcomes) -> list[torch.Tensor]:
     if id(oc) not in _PATHS:
         _PATHS[id(oc)] = (oc, _Searcher(oc).lagrangian_path())
     return _PATHS[id(oc)][1]
-
-
-def _subset(oc: GateOutcomes, idx: torch.Tensor) -> GateOutcomes:
-    return GateOutcomes(oc.scores[idx], oc.correct[idx], oc.final_correct[idx], oc.reach_costs, oc.gate_costs)
 
 
 def _outcomes(out: dict[str, torch.Tensor], split: cache.SplitFeatures, names, score, reach, gcost) -> GateOutcomes:
@@ -180,16 +185,21 @@ def oracle(oc: GateOutcomes, backbone_pred_agree: torch.Tensor) -> float:
     return float(cost.mean() / oc.reach_costs[-1])
 
 
-def run_one(run: Path, drops, repeats: int, seed: int) -> tuple[list[dict], list[dict], dict]:
+def run_one(
+    run: Path, drops, repeats: int, seed: int, only: set[str] | None = None
+) -> tuple[list[dict], list[dict], dict]:
     ms, dg_test, config = methods_for(run)
+    ms = [m for m in ms if only is None or m.name in only]
     splits = {s: cache.load_split(run, s) for s in ("test",)}
     fitted = read_gates(run)
     _, pred = outcomes(config, fitted, splits["test"], list(config.gates), fitted.score)
     agree = pred == splits["test"].logits.argmax(1)[:, None]
-    rows, curves = [], {}
+    rows, curves, equal = [], {}, []
     base = dg_test.backbone_accuracy
     model = config.model["spec"]
     for m in ms:
+        if m.name in ("paper", "ce-softmax", "ce-entropy", "dgate"):
+            equal.append({"model": model, "method": m.name, **_equal_accuracy(m, base, drops)})
         pts = []
         for d in sorted(set(drops) | set(PLOT_DROPS)):
             p = m.calibrate(m.val, d)
@@ -235,7 +245,7 @@ def run_one(run: Path, drops, repeats: int, seed: int) -> tuple[list[dict], list
             halves: dict[int, tuple[GateOutcomes, GateOutcomes]] = {}
             for m in checked:
                 if id(m.val) not in halves:  # methods on the same gates share the halves (and their search path)
-                    halves[id(m.val)] = (_subset(m.val, perm[: n // 2]), _subset(m.val, perm[n // 2 :]))
+                    halves[id(m.val)] = (subset(m.val, perm[: n // 2]), subset(m.val, perm[n // 2 :]))
                 a, b = halves[id(m.val)]
                 for d in drops:
                     p = m.calibrate(a, d)
@@ -253,7 +263,39 @@ def run_one(run: Path, drops, repeats: int, seed: int) -> tuple[list[dict], list
                     "held_pct": round(100 * sum(r <= d + 1e-12 for r in realized) / max(1, len(realized))),
                 }
             )
-    return rows, coverage, {"model": model, "curves": curves, "backbone": base}
+    return rows + equal, coverage, {"model": model, "curves": curves, "backbone": base}
+
+
+def _equal_accuracy(m: Method, base: float, drops) -> dict:
+    """Test reduction at equal test accuracy: the gates' trade-off curve, apart from calibration noise.
+
+    Thresholds come from val (the plain search at many nominal drops); their test (drop, reduction)
+    points are interpolated on their upper envelope at each drop. Descriptive only: test chooses
+    nothing that is reported above.
+    """
+    pts = []
+    for d in CURVE_DROPS:
+        try:
+            p = search(m.val, min(1.0, m.val.backbone_accuracy - d), polish=False, _path=_path(m.val))
+        except TargetUnreachableError:
+            continue
+        t = m.test.evaluate(p.thresholds)
+        pts.append((base - t.accuracy, 1 - t.cost_ratio))
+    pts.sort()
+    env, best = [], -1.0
+    for x, y in pts:
+        best = max(best, y)
+        env.append((x, best))
+    out = {}
+    for d in drops:
+        val = None
+        for (x0, y0), (x1, y1) in zip(env, env[1:], strict=False):
+            if x0 <= d <= x1:
+                val = y0 + (y1 - y0) * (d - x0) / (x1 - x0) if x1 > x0 else max(y0, y1)
+        if val is None and env and d >= env[-1][0]:
+            val = env[-1][1]
+        out[f"at_{100 * d:g}pt"] = None if val is None else round(100 * val, 1)
+    return out
 
 
 def main() -> None:
@@ -263,13 +305,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=0, help="val half-splits for the coverage table")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", type=Path, help="write a PNG of test accuracy vs cost for every method")
+    ap.add_argument("--methods", help="only these methods, e.g. dgate,dgate-c95 (default: all)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     drops = tuple(float(d) for d in args.drops.split(","))
     all_rows, all_cov, plots = [], [], []
     for run in args.runs:
-        rows, cov, plot = run_one(run, drops, args.repeats, args.seed)
+        only = set(args.methods.split(",")) if args.methods else None
+        rows, cov, plot = run_one(run, drops, args.repeats, args.seed, only)
         all_rows += rows
         all_cov += cov
         plots.append(plot)
@@ -278,7 +322,17 @@ def main() -> None:
 
         print(json.dumps({"frontier": all_rows, "coverage": all_cov}, indent=2))
     else:
-        emit(all_rows, False, "test split; thresholds calibrated on val with --max-drop; costs in MACs, gates included")
+        main_rows = [r for r in all_rows if "max_drop_pts" in r]
+        equal_rows = [r for r in all_rows if "max_drop_pts" not in r]
+        emit(
+            main_rows, False, "test split; thresholds calibrated on val with --max-drop; costs in MACs, gates included"
+        )
+        print()
+        emit(
+            equal_rows,
+            False,
+            "test MACs reduction (%) at equal test accuracy drop (points): each method's val-chosen curve on test",
+        )
         if all_cov:
             print()
             emit(all_cov, False, f"calibration on unseen data: {args.repeats} random halves of val (calibrate / check)")
@@ -310,7 +364,7 @@ def _plot(plots: list[dict], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    print(f"plot: {path}")
+    print(f"plot: {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

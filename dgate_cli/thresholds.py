@@ -596,10 +596,11 @@ def search_confident(
     Learn, then test (Angelopoulos et al. 2021): a bound computed on the split the thresholds were
     searched on is optimistic, because the search picks where that split is lucky. So the split is
     halved at random. On the first half, :func:`search` proposes candidates, from the most accurate
-    to the cheapest. On the second half each candidate is tested in that order with a one-sided
-    binomial bound at level ``1 - confidence`` (Clopper-Pearson on the accuracy for ``target_acc``;
-    on the discordant samples, :func:`drop_upper_bound`, for ``max_drop``); the cheapest candidate
-    before the first failure is kept. The candidates do not depend on the half that tests them, and
+    to the cheapest, and orders them by their bound on that half (the safest first). On the second
+    half each candidate is tested in that order with a one-sided binomial bound at level
+    ``1 - confidence`` (Clopper-Pearson on the accuracy for ``target_acc``; on the discordant
+    samples, :func:`drop_upper_bound`, for ``max_drop``) until one fails; the cheapest candidate that
+    passed is kept. The candidates and their order do not depend on the half that tests them, and
     fixed-sequence testing needs no multiplicity correction, so the target holds with probability
     at least ``confidence``. Costs and accuracy are then reported on the whole split.
 
@@ -616,11 +617,15 @@ def search_confident(
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     learn, test = subset(oc, perm[: n // 2]), subset(oc, perm[n // 2 :])
 
-    def holds(t: tuple[float, ...]) -> bool:
+    def risk(half: GateOutcomes, t: tuple[float, ...]) -> float:
+        """How far the bound on ``half`` falls short of the target (<= 0: the target holds)."""
         if target_acc is not None:
-            correct = round(test.evaluate(t).accuracy * test.num_samples)
-            return binomial_lower(correct, test.num_samples, confidence) >= target_acc
-        return drop_upper_bound(test, t, confidence) <= max_drop  # type: ignore[operator]
+            correct = round(half.evaluate(t).accuracy * half.num_samples)
+            return target_acc - binomial_lower(correct, half.num_samples, confidence)
+        return drop_upper_bound(half, t, confidence) - max_drop  # type: ignore[operator]
+
+    def holds(t: tuple[float, ...]) -> bool:
+        return risk(test, t) <= 1e-12
 
     closed = tuple([INF] * oc.num_gates)
     goal = target_acc if target_acc is not None else oc.backbone_accuracy - max_drop  # type: ignore[operator]
@@ -634,20 +639,20 @@ def search_confident(
             backbone_accuracy=oc.backbone_accuracy,
         )
     path = _Searcher(learn).lagrangian_path()
-    chosen, seen = closed, {closed}
     learn_goal = goal if target_acc is not None else learn.backbone_accuracy - max_drop  # type: ignore[operator]
-    for step in CONFIDENT_STEPS:  # from the most accurate candidate to the cheapest
-        nominal = min(1.0, learn_goal + 0.02 - step)
+    candidates: dict[tuple[float, ...], tuple[float, float]] = {}
+    for step in CONFIDENT_STEPS:  # nominal targets from 2 points above the goal to 2 points below
         try:
-            t = search(learn, nominal, polish=False, _path=path).thresholds
+            t = search(learn, min(1.0, learn_goal + 0.02 - step), polish=False, _path=path).thresholds
         except TargetUnreachableError:
             continue
-        if t in seen:
-            continue
-        seen.add(t)
+        candidates.setdefault(t, (risk(learn, t), -learn.evaluate(t).mean_cost))
+    chosen = closed
+    for t in sorted(candidates, key=candidates.__getitem__):  # the safest on the first half first
         if not holds(t):
             break
-        chosen = t
+        if oc.evaluate(t).mean_cost < oc.evaluate(chosen).mean_cost:
+            chosen = t
     return _with_target(oc.evaluate(chosen), goal)
 
 
