@@ -581,7 +581,7 @@ def subset(oc: GateOutcomes, index: torch.Tensor) -> GateOutcomes:
     return GateOutcomes(oc.scores[index], oc.correct[index], oc.final_correct[index], oc.reach_costs, oc.gate_costs)
 
 
-CONFIDENT_STEPS = tuple(0.0025 * j for j in range(17))  # nominal drops below the goal tried, in points / 100
+CONFIDENT_STEP = 0.0025  # spacing of the nominal accuracies of the candidates
 
 
 def search_confident(
@@ -641,9 +641,10 @@ def search_confident(
     path = _Searcher(learn).lagrangian_path()
     learn_goal = goal if target_acc is not None else learn.backbone_accuracy - max_drop  # type: ignore[operator]
     candidates: dict[tuple[float, ...], tuple[float, float]] = {}
-    for step in CONFIDENT_STEPS:  # nominal targets from 2 points above the goal to 2 points below
+    top, bottom = min(1.0, max(learn_goal, learn.backbone_accuracy) + 0.02), max(0.0, learn_goal - 0.02)
+    for j in range(int(round((top - bottom) / CONFIDENT_STEP)) + 1):  # from 2 points above both to 2 below the goal
         try:
-            t = search(learn, min(1.0, learn_goal + 0.02 - step), polish=False, _path=path).thresholds
+            t = search(learn, top - j * CONFIDENT_STEP, polish=False, _path=path).thresholds
         except TargetUnreachableError:
             continue
         candidates.setdefault(t, (risk(learn, t), -learn.evaluate(t).mean_cost))
