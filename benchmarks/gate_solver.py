@@ -65,6 +65,7 @@ def compare(name: str, X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="a run directory from `dgate extract` (its train and val splits)")
+    ap.add_argument("--gates", help="only these gates of the run, e.g. layer1,layer3.5 (default: all)")
     ap.add_argument("--C", type=float, default=0.01)
     ap.add_argument("--synthetic-only", action="store_true")
     ap.add_argument("--json", action="store_true")
@@ -72,7 +73,7 @@ def main() -> None:
     rows = []
     if a.run and not a.synthetic_only:
         cfg = read_run(a.run)
-        for g in cfg.gates:
+        for g in a.gates.split(",") if a.gates else cfg.gates:
             tr, va = load_split(a.run, "train", gates=[g]), load_split(a.run, "val", gates=[g])
             rows.append(
                 compare(
