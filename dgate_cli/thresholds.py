@@ -491,7 +491,7 @@ class Frontier:
         return [p.to_dict() for p in self.points]
 
 
-DEFAULT_DROPS = (0.0, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2)
+DEFAULT_DROPS = (0.0, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2)  # fractions of accuracy
 
 
 def frontier(

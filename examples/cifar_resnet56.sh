@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's worked example: gate a pretrained CIFAR-10 ResNet-56 end to end on real data.
 #   examples/cifar_resnet56.sh [DATA_DIR]   (default ../shared/data; needs cifar10-jpeg/ and checkpoints/)
-# Fit on train, calibrate on val, report on test. About 10 minutes on 2 CPU cores (extraction dominates).
+# Fit on train, calibrate on val, report on test. About 20 minutes on 2 CPU cores (extract 6, fit 7, calibrate 3).
 set -euo pipefail
 D=${1:-../shared/data}
 DGATE=${DGATE:-dgate}

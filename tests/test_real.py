@@ -94,7 +94,17 @@ def r20_pipeline(tmp_path_factory: pytest.TempPathFactory):
 
 def test_pipeline_on_real_images(r20_pipeline):
     data, run, model, extracted, fitted, calibrated = r20_pipeline
-    assert [g["gate"] for g in fitted["gates"]] == ["layer1", "layer2"]
+    # the default positions: the end of each third of every stage (ResNet-20: every block but the last)
+    assert [g["gate"] for g in fitted["gates"]] == [
+        "layer1.0",
+        "layer1.1",
+        "layer1",
+        "layer2.0",
+        "layer2.1",
+        "layer2",
+        "layer3.0",
+        "layer3.1",
+    ]
     assert calibrated["chosen"]["accuracy"] >= calibrated["target_accuracy"]
     assert calibrated["chosen"]["cost_ratio"] < 1.0
     ev = dgate("evaluate", model, "--data", data["test"], "--workers", 0, "--json")
