@@ -46,7 +46,7 @@ def calibrate_command(
     confidence: Annotated[
         float | None,
         typer.Option(
-            help="Make the target hold on new data with this probability (e.g. 0.95; binomial bounds), not just on the calibration split.",
+            help="Make the target hold on new data with this probability (e.g. 0.95): thresholds learnt on half the calibration split, tested with binomial bounds on the other half.",
             show_default=False,
         ),
     ] = None,
