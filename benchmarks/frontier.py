@@ -38,7 +38,7 @@ import torch
 from _common import emit
 
 from dgate_cli import cache
-from dgate_cli.calibrate import DEFAULT_RESERVE, outcomes
+from dgate_cli.calibrate import DEFAULT_RESERVE, outcomes, reach_costs
 from dgate_cli.errors import TargetUnreachableError
 from dgate_cli.fit import read_gates
 from dgate_cli.flops import gate_macs
@@ -132,15 +132,18 @@ def _fit_outputs(run: Path, tag: str, loss: str, names, view, splits) -> dict[st
     }
 
 
-def methods_for(run: Path) -> tuple[list[Method], GateOutcomes, cache.RunConfig]:
+def methods_for(run: Path) -> tuple[list[Method], GateOutcomes, torch.Tensor, cache.RunConfig]:
+    """The methods, dgate's test outcomes, and whether each of its gates agrees with the backbone on test."""
     config = cache.read_run(run)
     splits = {s: cache.load_split(run, s) for s in ("train", "val", "test")}
     names = list(config.gates)
     fitted = read_gates(run)
     if fitted.loss != "hinge":
         sys.exit(f"{run}: fit the run with `dgate fit {run}` (hinge, the default) first")
-    dg = {s: outcomes(config, fitted, splits[s], names, fitted.score)[0] for s in ("val", "test")}
-    cum = torch.tensor([s["macs"] for s in config.costs["stages"]], dtype=torch.float64).cumsum(0)
+    dg, preds = {}, {}
+    for s in ("val", "test"):
+        dg[s], preds[s] = outcomes(config, fitted, splits[s], names, fitted.score)
+    agree = preds["test"] == splits["test"].logits.argmax(1)[:, None]
     reach, gcost = dg["val"].reach_costs, dg["val"].gate_costs
 
     def same(_n, X):
@@ -151,7 +154,7 @@ def methods_for(run: Path) -> tuple[list[Method], GateOutcomes, cache.RunConfig]
     if missing:
         sys.exit(f"{run}: the cache lacks the paper's positions {missing}")
     pidx = [names.index(n) for n in PAPER_GATES]
-    p_reach = torch.cat([cum[pidx], cum[-1:]])
+    p_reach = reach_costs(config, list(PAPER_GATES))
     p_cost = torch.tensor(
         [gate_macs(math.prod(config.stage_shapes[i]), config.stage_shapes[i][0], 10) for i in pidx],
         dtype=torch.float64,
@@ -173,7 +176,7 @@ def methods_for(run: Path) -> tuple[list[Method], GateOutcomes, cache.RunConfig]
         Method("dgate-z0", dg["val"], dg["test"], 0.0),
         Method("dgate-c95", dg["val"], dg["test"], confidence=0.95),
     ]
-    return ms, dg["test"], config
+    return ms, dg["test"], agree, config
 
 
 def oracle(oc: GateOutcomes, backbone_pred_agree: torch.Tensor) -> float:
@@ -188,12 +191,8 @@ def oracle(oc: GateOutcomes, backbone_pred_agree: torch.Tensor) -> float:
 def run_one(
     run: Path, drops, repeats: int, seed: int, only: set[str] | None = None
 ) -> tuple[list[dict], list[dict], dict]:
-    ms, dg_test, config = methods_for(run)
+    ms, dg_test, agree, config = methods_for(run)
     ms = [m for m in ms if only is None or m.name in only]
-    splits = {s: cache.load_split(run, s) for s in ("test",)}
-    fitted = read_gates(run)
-    _, pred = outcomes(config, fitted, splits["test"], list(config.gates), fitted.score)
-    agree = pred == splits["test"].logits.argmax(1)[:, None]
     rows, curves, equal = [], {}, []
     base = dg_test.backbone_accuracy
     model = config.model["spec"]

@@ -15,6 +15,8 @@ CIFAR = SHARED / "cifar10-jpeg"
 CHECKPOINTS = SHARED / "checkpoints" / "cifar-resnet"
 # the demo CNN's default gate positions: every block but the last (stage1.1 and stage2.1 end their stages)
 DEMO_GATES = ["stage1.0", "stage1", "stage2.0", "stage2", "stage3.0"]
+# ResNet-20's default gate positions: the end of each third of every stage (every block but the last)
+R20_GATES = ["layer1.0", "layer1.1", "layer1", "layer2.0", "layer2.1", "layer2", "layer3.0", "layer3.1"]
 R20 = CHECKPOINTS / "resnet20-12fca82f.th"
 R56 = CHECKPOINTS / "resnet56-4bfd9763.th"
 
@@ -25,8 +27,13 @@ needs_shared = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+def _threads(request):
+    """Intra-op threads per test: 2, or the module's ``TORCH_THREADS`` (modules of many tiny tensor ops
+    set 1: two threads spin-wait badly on a busy two-core machine); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(getattr(request.module, "TORCH_THREADS", min(2, os.cpu_count() or 1)))
+    yield
+    torch.set_num_threads(before)
 
 
 def write_image_folder(root: Path, classes: list[str], per_class: int, size: int = 32, seed: int = 0) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_GATES
+from conftest import DEMO_GATES, R20_GATES
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -23,10 +23,7 @@ BATCH = 32
 SIZES = {"train": 300, "val": 200}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster while another process loads the CPU."""
-    torch.set_num_threads(1)
+TORCH_THREADS = 1  # tiny models and many small tensor ops (see conftest._threads)
 
 
 @pytest.fixture(scope="module")
@@ -239,16 +236,7 @@ def test_another_model_or_weights_is_refused_unless_overwrite(tmp_path, clean, d
     assert not torch.equal(cache.load_split(run, "val").logits, cache.load_split(clean[0], "val").logits)
     result = run_extract(run, data, None, model="cifar_resnet20", overwrite=True)
     assert cache.read_run(run).model["spec"] == "cifar_resnet20"
-    assert cache.read_run(run).gates == [
-        "layer1.0",
-        "layer1.1",
-        "layer1",
-        "layer2.0",
-        "layer2.1",
-        "layer2",
-        "layer3.0",
-        "layer3.1",
-    ]
+    assert cache.read_run(run).gates == R20_GATES
     assert all(not s.reused for s in result.splits.values())
 
 

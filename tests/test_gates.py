@@ -18,14 +18,7 @@ from sklearn.svm import LinearSVC
 from dgate_cli.errors import DgateError, NotFittedError, SpecError
 from dgate_cli.gates import DEFAULT_C_GRID, LinearGate, choose_C, gate_scores, holdout_split
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small dense problems: one intra-op thread (two spin-wait badly on a busy two-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TORCH_THREADS = 1  # tiny models and many small tensor ops (see conftest._threads)
 
 
 # -- data and objectives --------------------------------------------------------------------------

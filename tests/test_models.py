@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import R20_GATES
 from torch import nn
 
 from dgate_cli.errors import DgateError, SpecError
@@ -165,16 +166,7 @@ def test_cifar_resnet_backbone():
     assert bb.preprocess == CIFAR_PREPROCESS == Preprocess()
     assert bb.weights is None
     assert bb.num_classes == 10
-    assert bb.default_gates() == [
-        "layer1.0",
-        "layer1.1",
-        "layer1",
-        "layer2.0",
-        "layer2.1",
-        "layer2",
-        "layer3.0",
-        "layer3.1",
-    ]
+    assert bb.default_gates() == R20_GATES
     # 3 blocks per stage: 8 candidates (every block but the last)
     assert [c.name for c in bb.candidate_cuts()][:3] == ["layer1.0", "layer1.1", "layer1"]
     assert len(bb.candidate_cuts()) == 8
@@ -232,26 +224,8 @@ def test_torchvision_weights_tag_errors():
 
 def test_resolve_gates_variants():
     bb = build_backbone("cifar_resnet20")
-    assert [c.name for c in bb.resolve_gates(None)] == [
-        "layer1.0",
-        "layer1.1",
-        "layer1",
-        "layer2.0",
-        "layer2.1",
-        "layer2",
-        "layer3.0",
-        "layer3.1",
-    ]
-    assert [c.name for c in bb.resolve_gates([])] == [
-        "layer1.0",
-        "layer1.1",
-        "layer1",
-        "layer2.0",
-        "layer2.1",
-        "layer2",
-        "layer3.0",
-        "layer3.1",
-    ]
+    assert [c.name for c in bb.resolve_gates(None)] == R20_GATES
+    assert [c.name for c in bb.resolve_gates([])] == R20_GATES
     assert [c.name for c in bb.resolve_gates(["layer2.1", "layer1.2"])] == ["layer1", "layer2.1"]
     assert len(bb.resolve_gates(["all"])) == 8
     with pytest.raises(SpecError, match="dgate stages cifar_resnet20"):

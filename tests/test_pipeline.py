@@ -56,10 +56,7 @@ MANIFEST_KEYS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster while another process loads the CPU."""
-    torch.set_num_threads(1)
+TORCH_THREADS = 1  # tiny models and many small tensor ops (see conftest._threads)
 
 
 @dataclass

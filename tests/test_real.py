@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CIFAR, R20, R56, needs_shared
+from conftest import CIFAR, R20, R20_GATES, R56, needs_shared
 from typer.testing import CliRunner
 
 import dgate_cli.evaluate
@@ -94,17 +94,7 @@ def r20_pipeline(tmp_path_factory: pytest.TempPathFactory):
 
 def test_pipeline_on_real_images(r20_pipeline):
     data, run, model, extracted, fitted, calibrated = r20_pipeline
-    # the default positions: the end of each third of every stage (ResNet-20: every block but the last)
-    assert [g["gate"] for g in fitted["gates"]] == [
-        "layer1.0",
-        "layer1.1",
-        "layer1",
-        "layer2.0",
-        "layer2.1",
-        "layer2",
-        "layer3.0",
-        "layer3.1",
-    ]
+    assert [g["gate"] for g in fitted["gates"]] == R20_GATES
     assert calibrated["chosen"]["accuracy"] >= calibrated["target_accuracy"]
     assert calibrated["chosen"]["cost_ratio"] < 1.0
     ev = dgate("evaluate", model, "--data", data["test"], "--workers", 0, "--json")

@@ -33,14 +33,7 @@ INF = math.inf
 DROPS = (0.0, 0.005, 0.01, 0.02, 0.05)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The search runs many small tensor ops: one intra-op thread (two spin-wait badly on a busy
-    two-core machine, e.g. ``any`` over 5000 x 8 goes from 50 us to 8 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TORCH_THREADS = 1  # tiny models and many small tensor ops (see conftest._threads)
 
 
 # -- synthetic outcomes -----------------------------------------------------------------------------
