@@ -26,12 +26,21 @@ needs_shared = pytest.mark.skipif(
 )
 
 
+def test_threads(module) -> int:
+    """Intra-op threads for a test module: 2, or its ``TORCH_THREADS`` (modules of many tiny tensor ops
+    set 1: two threads spin-wait badly on a busy two-core machine). Module-scoped fixtures that compute
+    reference outputs compared bit for bit must use the same count (kernels differ by thread count)."""
+    return getattr(module, "TORCH_THREADS", min(2, os.cpu_count() or 1))
+
+
+test_threads.__test__ = False  # a helper, not a test
+
+
 @pytest.fixture(autouse=True)
 def _threads(request):
-    """Intra-op threads per test: 2, or the module's ``TORCH_THREADS`` (modules of many tiny tensor ops
-    set 1: two threads spin-wait badly on a busy two-core machine); restored afterwards."""
+    """Each test runs with :func:`test_threads` threads; the previous setting is restored afterwards."""
     before = torch.get_num_threads()
-    torch.set_num_threads(getattr(request.module, "TORCH_THREADS", min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(test_threads(request.module))
     yield
     torch.set_num_threads(before)
 

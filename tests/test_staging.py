@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import CIFAR, R20, needs_shared
+from conftest import CIFAR, R20, needs_shared, test_threads
 from torch import nn
 
 from dgate_cli.errors import SpecError
@@ -88,6 +88,7 @@ def rep(request):
     bb = _build(spec, kwargs)
     torch.manual_seed(1)
     x = torch.randn(2, 3, px, px)
+    torch.set_num_threads(test_threads(request.module))  # the tests' kernels: compared bit for bit
     ref = _reference(bb, x)
     assert ref.dim() == 2 and ref.shape[0] == 2
     return family, bb, x, ref
