@@ -91,7 +91,9 @@ def make_resnet50_export(out: Path, data: str, images: int, fractions=(0.3, 0.2,
     return out
 
 
-def dgate_bench(model_dir: Path, data: str, batch_sizes: str, images: int, extra: list[str]) -> list[dict]:
+def dgate_bench(
+    model_dir: Path, data: str, batch_sizes: str, images: int, repeats: int, extra: list[str]
+) -> list[dict]:
     cmd = [
         sys.executable,
         "-m",
@@ -104,6 +106,8 @@ def dgate_bench(model_dir: Path, data: str, batch_sizes: str, images: int, extra
         batch_sizes,
         "--images",
         str(images),
+        "--repeats",
+        str(repeats),
         "--device",
         "cpu",
         "--json",
@@ -120,6 +124,7 @@ def main() -> None:
     ap.add_argument("--batch-size", default="1,32")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--r50-images", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes over the images (noise)")
     ap.add_argument("--skip-r50", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -128,7 +133,7 @@ def main() -> None:
     if a.r56:
         never = ",".join(["1e30"] * len(json.loads((a.r56 / "dgate.json").read_text())["gates"]))
         for label, extra in (("resnet56 calibrated", []), ("resnet56 no exits", ["--thresholds", never])):
-            for r in dgate_bench(a.r56, a.data, a.batch_size, a.images, extra):
+            for r in dgate_bench(a.r56, a.data, a.batch_size, a.images, a.repeats, extra):
                 rows.append(_row(label, r))
     if not a.skip_r50:
         with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +142,7 @@ def main() -> None:
                 ("resnet50 30/20/20% exits", []),
                 ("resnet50 no exits", ["--thresholds", "1e30,1e30,1e30"]),
             ):
-                for r in dgate_bench(d, a.data, a.batch_size, a.r50_images, extra):
+                for r in dgate_bench(d, a.data, a.batch_size, a.r50_images, a.repeats, extra):
                     rows.append(_row(label, r))
     emit(rows, a.json, title=f"dgate bench (CPU): {rows[0]['device'] if rows else ''}")
 

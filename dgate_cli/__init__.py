@@ -7,8 +7,9 @@ Example:
     >>> out.pred, out.exit  # doctest: +SKIP
 """
 
+from ._malloc import tune_malloc
 from ._version import __version__
 from .export import load
 from .runtime import GatedModel, GatedOutput
 
-__all__ = ["GatedModel", "GatedOutput", "__version__", "load"]
+__all__ = ["GatedModel", "GatedOutput", "__version__", "load", "tune_malloc"]

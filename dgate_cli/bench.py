@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ._device import describe, sync
+from ._malloc import malloc_state
 from .runtime import GatedModel
 
 ProgressFn = Callable[[str, int, int], None]
@@ -78,7 +79,8 @@ def bench(
     images: torch.Tensor,
     labels: torch.Tensor | None = None,
     batch_sizes: Sequence[int] = (1, 32),
-    warmup: int = 3,
+    warmup: int = 1,
+    repeats: int = 1,
     min_batches: int = 5,
     progress: ProgressFn | None = None,
 ) -> BenchResult:
@@ -90,7 +92,9 @@ def bench(
         labels: ``(N,)`` labels, for accuracy (optional).
         batch_sizes: batch sizes to time; each uses every whole batch of ``images`` (at least
             ``min_batches``, cycling through the images if there are too few).
-        warmup: untimed batches per model and batch size first.
+        warmup: untimed passes over the batches first, per model and batch size. One pass makes
+            every survivor batch size the timed pass meets warm (oneDNN builds a kernel per shape).
+        repeats: timed passes over the batches (more passes, less noise on a shared machine).
 
     Example:
         >>> r = bench(load("models/r56-gated"), x, y, batch_sizes=[1, 32])  # doctest: +SKIP
@@ -109,14 +113,16 @@ def bench(
         starts = [(i * b) % max(1, n - b + 1) for i in range(nb)] if n >= b else [0] * nb
         batches = [images[s : s + b] if n >= b else images.repeat(math.ceil(b / n), 1, 1, 1)[:b] for s in starts]
         with torch.inference_mode():
-            for i in range(warmup):
-                model(batches[i % nb])
-                model.backbone_forward(batches[i % nb])
+            for _ in range(warmup):  # every survivor batch size the timed run meets is then warm
+                for xb in batches:
+                    model(xb)
+                    model.backbone_forward(xb)
             sync(device)
             t_bb: list[float] = []
             t_g: list[float] = []
             exits = []
-            for i, x in enumerate(batches):
+            timed = batches * max(1, repeats)
+            for i, x in enumerate(timed):
                 order = ("g", "b") if i % 2 == 0 else ("b", "g")
                 for which in order:
                     sync(device)
@@ -127,9 +133,10 @@ def bench(
                         model.backbone_forward(x)
                     sync(device)
                     (t_g if which == "g" else t_bb).append(time.perf_counter() - t0)
-                exits.append(out.exit.cpu())
+                if i < nb:
+                    exits.append(out.exit.cpu())
                 if progress:
-                    progress(f"batch size {b}", i + 1, nb)
+                    progress(f"batch size {b}", i + 1, len(timed))
         e = torch.cat(exits)
         counts = torch.bincount(e, minlength=model.num_gates + 1)
         mean_cost = float(costs[e].mean())
@@ -138,11 +145,11 @@ def bench(
             acc, bb_acc = _accuracy(model, images, labels, b)
         speedup = sum(t_bb) / sum(t_g)
         ideal = backbone_cost / mean_cost
-        imgs = nb * b
+        imgs = len(timed) * b
         result.rows.append(
             BenchRow(
                 batch_size=b,
-                batches=nb,
+                batches=len(timed),
                 images=imgs,
                 backbone_ms=1e3 * statistics.median(t_bb),
                 gated_ms=1e3 * statistics.median(t_g),
@@ -177,4 +184,4 @@ def _accuracy(model: GatedModel, images: torch.Tensor, labels: torch.Tensor, b: 
 def _machine(device: torch.device) -> str:
     import platform
 
-    return f"{platform.node()} {platform.machine()}, {describe(torch.device('cpu'))}"
+    return f"{platform.node()} {platform.machine()}, {describe(torch.device('cpu'))}, malloc {malloc_state()}"

@@ -4,15 +4,23 @@ After each stage the open gate scores the surviving samples; those at or above t
 are written to the output and removed from the batch (``index_select`` of the survivors), so no
 later stage runs for them. Closed gates (threshold ``inf``) are skipped entirely, at no cost. The
 only host synchronisation is one per open gate, to learn how many samples remain.
+
+A gate is one pooling and one small matrix product. For a channels-last stage output the pooled
+grid is read in its memory order (no copy) against the gate's weights reordered once to match.
+A single sample (batch size 1) is scored on the host from its ``K`` outputs, with float32
+rounding, so it decides exactly as the batched path does, in a few microseconds instead of the
+half-dozen tensor operations a batch needs.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .features import Pooling, pool
@@ -104,8 +112,14 @@ class GatedModel(nn.Module):
         self.channels_last = channels_last
         self.manifest = manifest or {}
         self.thresholds: list[float] = []
+        self._thresholds32: list[float] = []
+        self._plans: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self.set_thresholds(thresholds)
         self.eval()
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the cached gate plans hold old tensors
+        self._plans = {}
+        return super()._apply(fn, recurse)
 
     @property
     def num_gates(self) -> int:
@@ -130,6 +144,7 @@ class GatedModel(nn.Module):
         if any(math.isnan(v) for v in values):
             raise ValueError("thresholds must be numbers or inf, not NaN")
         self.thresholds = values
+        self._thresholds32 = [_f32(v) for v in values]  # what a float32 comparison on the device sees
         return self
 
     def use_operating_point(self, max_drop: float | None = None, index: int | None = None) -> OperatingPoint:
@@ -173,8 +188,35 @@ class GatedModel(nn.Module):
     # -- inference --------------------------------------------------------------------------------
     def gate_outputs(self, g: int, h: torch.Tensor) -> torch.Tensor:
         """Gate ``g``'s outputs ``(N, K)`` for stage output ``h``."""
-        f = pool(h, self.poolings[g], self.layouts[g]).float()
-        return torch.addmm(self.gate_bias(g), f, self.gate_weight(g).t())
+        key = (g, h.shape[1:], h.dtype, h.device, h.stride()[1:])
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(g, h)
+        size, weight_t, bias = plan
+        if size:  # one average grid on a channels-last NCHW output: pooled (N, s, s, C) in memory order
+            f = F.adaptive_avg_pool2d(h, size).permute(0, 2, 3, 1).reshape(h.shape[0], -1)
+        else:
+            f = pool(h, self.poolings[g], self.layouts[g]).float()
+        return torch.addmm(bias, f, weight_t)
+
+    def _plan(self, g: int, h: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """How gate ``g`` reads ``h``: (grid size for the channels-last float32 fast path or 0,
+        weights as a transposed ``(D, K)`` view of a ``(K, D)`` matrix, the layout MKL multiplies
+        fastest, bias)."""
+        w = self.gate_weight(g)
+        pooling = self.poolings[g]
+        channels_last = (
+            h.dim() == 4
+            and h.dtype == torch.float32
+            and not h.is_contiguous()
+            and h.is_contiguous(memory_format=torch.channels_last)
+        )
+        if self.layouts[g] == "nchw" and channels_last and pooling.ops == ("avg",) and len(pooling.sizes) == 1:
+            s, c = pooling.sizes[0], h.shape[1]
+            if w.shape[1] == c * s * s:
+                w_nhwc = w.view(-1, c, s, s).permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
+                return s, w_nhwc.t(), self.gate_bias(g)
+        return 0, w.t(), self.gate_bias(g)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> GatedOutput:
@@ -183,10 +225,10 @@ class GatedModel(nn.Module):
         device = x.device
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits: torch.Tensor | None = None
-        pred = torch.empty(n, dtype=torch.long, device=device)
-        exit_ = torch.full((n,), self.num_gates, dtype=torch.long, device=device)
+        if n == 1 and self.score in _HOST_SCORES:
+            return self._forward_one(x)
         alive = torch.arange(n, device=device)
+        done: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (gate, rows, outputs, classes)
         h = x
         for g in range(self.num_gates):
             h = self.stages[g](h)
@@ -194,28 +236,62 @@ class GatedModel(nn.Module):
             if t == math.inf:
                 continue
             z = self.gate_outputs(g, h)
-            if logits is None:
-                logits = torch.empty(n, z.shape[1], dtype=z.dtype, device=device)
             s, p = gate_scores(z, self.score)
             leave = s >= t
-            n_leave = int(leave.sum())  # the one host sync per open gate
+            gone = torch.nonzero(leave).squeeze(1)  # the one host sync per open gate
+            n_leave = gone.numel()
             if n_leave == 0:
                 continue
-            gone = alive[leave]
-            logits.index_copy_(0, gone, z[leave])
-            pred.index_copy_(0, gone, p[leave])
-            exit_.index_fill_(0, gone, g)
+            done.append((g, alive[gone], z[gone], p[gone]))
             if n_leave == alive.numel():
-                return GatedOutput(logits, pred, exit_)
+                return self._assemble(n, done, None, None)
             stay = torch.nonzero(~leave).squeeze(1)
-            alive = alive.index_select(0, stay)
-            h = h.index_select(0, stay)
+            alive = alive[stay]
+            h = h[stay]  # not index_select: that returns NCHW for a channels-last h, and NCHW convs run 2x slower
         out = self.stages[-1](h).float()
-        if logits is None:
-            logits = torch.empty(n, out.shape[1], dtype=out.dtype, device=device)
-        logits.index_copy_(0, alive, out)
-        pred.index_copy_(0, alive, out.argmax(1))
-        return GatedOutput(logits, pred, exit_)
+        return self._assemble(n, done, alive, out)
+
+    def _assemble(
+        self,
+        n: int,
+        done: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
+        alive: torch.Tensor | None,
+        out: torch.Tensor | None,
+    ) -> GatedOutput:
+        """Scatter the per-gate results (and the backbone's for ``alive``) back into input order."""
+        if alive is not None and out is not None:
+            done = [*done, (self.num_gates, alive, out, out.argmax(1))]
+        if len(done) == 1 and done[0][1].numel() == n:  # everyone left at one exit: rows are in order
+            g, _, z, p = done[0]
+            return GatedOutput(z, p, torch.full((n,), g, dtype=torch.long, device=z.device))
+        rows = torch.cat([d[1] for d in done])
+        order = torch.empty_like(rows)
+        order[rows] = torch.arange(n, device=rows.device)  # position of input i among the concatenated rows
+        exits = torch.cat([torch.full((d[1].numel(),), d[0], dtype=torch.long, device=rows.device) for d in done])
+        return GatedOutput(torch.cat([d[2] for d in done])[order], torch.cat([d[3] for d in done])[order], exits[order])
+
+    def _forward_one(self, x: torch.Tensor) -> GatedOutput:
+        """One sample: each open gate's ``K`` outputs are scored on the host (one small copy, no
+        tensor operations), with the float32 rounding of :func:`gate_scores`."""
+        h = x
+        score = _HOST_SCORES[self.score]
+        for g in range(self.num_gates):
+            h = self.stages[g](h)
+            if self.thresholds[g] == math.inf:
+                continue
+            z = self.gate_outputs(g, h)
+            s, p = score(z.view(-1).tolist())
+            if s >= self._thresholds32[g]:
+                return self._one(z, p, g)
+        out = self.stages[-1](h).float()
+        return self._one(out, int(out.argmax(1)), self.num_gates)
+
+    @staticmethod
+    def _one(z: torch.Tensor, p: int, g: int) -> GatedOutput:
+        device = z.device
+        return GatedOutput(
+            z, torch.tensor([p], dtype=torch.long, device=device), torch.tensor([g], dtype=torch.long, device=device)
+        )
 
     @torch.inference_mode()
     def backbone_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,3 +310,31 @@ class GatedModel(nn.Module):
     @property
     def classes(self) -> list[str]:
         return list(self.manifest.get("classes", []))
+
+
+def _f32(v: float) -> float:
+    """``v`` rounded to float32 (infinities kept)."""
+    if math.isinf(v):
+        return v
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:  # beyond float32's range: it compares as an infinity would
+        return math.copysign(math.inf, v)
+
+
+def _host_max(row: list[float]) -> tuple[float, int]:
+    best = max(row)
+    return best, row.index(best)
+
+
+def _host_margin(row: list[float]) -> tuple[float, int]:
+    best = max(row)
+    p = row.index(best)
+    if len(row) == 1:
+        return math.inf, 0
+    second = max(row[:p] + row[p + 1 :])
+    return _f32(best - second), p
+
+
+# exit rules that a single sample can score on the host, exactly as gate_scores does on a device
+_HOST_SCORES = {"max": _host_max, "margin": _host_margin}

@@ -485,3 +485,28 @@ def test_damaged_nested_manifest_fields(pipe: Pipeline, tmp_path: Path, edit, na
     with pytest.raises(ManifestError) as info:
         dgate_cli.load(d)
     assert name in str(info.value) and "re-export" in str(info.value)
+
+
+# -- dgate bench on the exported model ----------------------------------------------------------------
+
+
+def test_bench_command_reports_json_for_each_batch_size(pipe: Pipeline):
+    from typer.testing import CliRunner
+
+    from dgate_cli.cli.app import app
+
+    args = ["bench", str(pipe.export_dir), "--data", str(pipe.data["val"]), "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--batch-size", "1,16", "--images", "48", "--repeats", "2", "--json"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    rows = json.loads(result.stdout)
+    assert [r["batch_size"] for r in rows] == [1, 16]
+    assert [r["batches"] for r in rows] == [96, 10]  # 48 and 5 (at least 5 batches per size), timed twice
+    model = dgate_cli.load(pipe.export_dir)
+    for r in rows:
+        assert {"backbone_ms", "gated_ms", "speedup", "ideal_speedup", "flops_ratio", "accuracy"} <= r.keys()
+        assert r["speedup"] > 0 and r["ideal_speedup"] == pytest.approx(1 / r["flops_ratio"])
+        assert len(r["exit_fractions"]) == model.num_gates + 1 and sum(r["exit_fractions"]) == pytest.approx(1.0)
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["backbone_accuracy"] <= 1.0
+        assert "threads" in r["device"] and "malloc" in r["machine"]
+    bad = CliRunner().invoke(app, [*args, "--batch-size", "1,x"])
+    assert bad.exit_code == 2 and "--batch-size must be comma-separated integers" in bad.stderr

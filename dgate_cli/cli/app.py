@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from .._malloc import tune_malloc_from_env
 from ..errors import DgateError
 from ._output import err, fail
 
@@ -67,5 +68,6 @@ command("models", models_command)
 
 
 def main() -> None:
-    """Entry point of the ``dgate`` console script."""
+    """Entry point of the ``dgate`` console script (and ``python -m dgate_cli``)."""
+    tune_malloc_from_env()
     app(prog_name="dgate")

@@ -37,6 +37,9 @@ def bench_command(
             show_default=False,
         ),
     ] = None,
+    repeats: Annotated[
+        int, typer.Option(help="Timed passes over the images per batch size (more: less noise).", min=1)
+    ] = 1,
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (default: torch's choice).", min=1, show_default=False)
     ] = None,
@@ -75,7 +78,7 @@ def bench_command(
     x = pre.normalize(torch.cat(xs).to(dev))
     y = torch.cat(ys)
     with progress(enabled=not json, unit="batches") as bar:
-        result = bench(model, x, y, batch_sizes=sizes, progress=bar)
+        result = bench(model, x, y, batch_sizes=sizes, repeats=repeats, progress=bar)
     if json:
         print_json(result.to_list())
         return
@@ -95,4 +98,5 @@ def bench_command(
         )
     out.print(table)
     out.print("ms: median (p95) per batch; exits: " + " / ".join(result.exit_names) + "; accuracy: gated (backbone)")
+    out.print(f"machine: {result.machine}")
     out.print(f"device: {result.device}; thresholds: {', '.join(f'{t:.4g}' for t in result.thresholds)}")

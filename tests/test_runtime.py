@@ -1,0 +1,241 @@
+"""The gated runtime on a small synthetic network: the gate fast path, the single-sample path,
+compaction (order and memory format), malloc tuning and ``bench``; no data needed."""
+
+from __future__ import annotations
+
+import math
+import struct
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from dgate_cli import _malloc
+from dgate_cli.bench import bench
+from dgate_cli.features import Pooling, pool
+from dgate_cli.gates import gate_scores
+from dgate_cli.runtime import _HOST_SCORES, GatedModel, _f32
+
+TORCH_THREADS = 1  # see conftest._threads
+K = 5
+
+
+def make_model(pooling: Pooling, channels_last: bool = True, score: str = "margin", seed: int = 0) -> GatedModel:
+    torch.manual_seed(seed)
+    stages = [
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, K)),
+    ]
+    d = pooling.feature_size(channels=8)
+    model = GatedModel(
+        stages,
+        [torch.randn(K, d), torch.randn(K, d)],
+        [torch.randn(K), torch.randn(K)],
+        ["nchw", "nchw"],
+        pooling,
+        [math.inf, math.inf],
+        score=score,
+        reach_costs=[100.0, 200.0, 210.0],
+        gate_costs=[1.0, 1.0],
+        channels_last=channels_last,
+    )
+    if channels_last:
+        model.stages.to(memory_format=torch.channels_last)
+    return model
+
+
+def reference_outputs(model: GatedModel, g: int, h: torch.Tensor) -> torch.Tensor:
+    """What the gate computed at fit time: pool in NCHW order, then the linear layer."""
+    return pool(h, model.poolings[g], "nchw").float() @ model.gate_weight(g).t() + model.gate_bias(g)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize(
+    "pooling", [Pooling((1,)), Pooling((4,)), Pooling((2,), ("avg", "max")), Pooling((1, 2))], ids=str
+)
+def test_gate_outputs_equal_pooling_then_linear(pooling: Pooling, channels_last: bool):
+    model = make_model(pooling, channels_last)
+    x = torch.randn(6, 3, 16, 16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        h = model.stages[0](x)
+        assert h.is_contiguous(memory_format=torch.channels_last) == channels_last
+        for g, hh in enumerate([h, model.stages[1](h)]):
+            got = model.gate_outputs(g, hh)
+            assert got.shape == (6, K)
+            torch.testing.assert_close(got, reference_outputs(model, g, hh), atol=1e-5, rtol=1e-5)
+    fast = [plan[0] for plan in model._plans.values()]
+    # the copy-free path is taken exactly for one average grid on a channels-last output
+    assert fast == (
+        [pooling.sizes[0]] * 2 if channels_last and pooling.ops == ("avg",) and len(pooling.sizes) == 1 else [0, 0]
+    )
+
+
+@pytest.mark.parametrize("score", ["max", "margin"])
+def test_host_scores_are_gate_scores_bit_for_bit(score: str):
+    torch.manual_seed(1)
+    z = torch.randn(2000, K) * torch.logspace(-3, 3, 2000)[:, None]
+    z[:50, 1] = z[:50, 0]  # exact ties for the top class
+    z[50:100, 2] = torch.nextafter(z[50:100, 3], torch.tensor(math.inf))  # margins of one ulp
+    s, p = gate_scores(z, score)
+    for i in range(z.shape[0]):
+        hs, hp = _HOST_SCORES[score](z[i].tolist())
+        assert hs == float(s[i]) and hp == int(p[i]), (i, z[i])
+
+
+def test_single_class_margin_is_infinite_on_both_paths():
+    z = torch.tensor([[0.25]])
+    assert _HOST_SCORES["margin"](z[0].tolist()) == (math.inf, 0)
+    s, p = gate_scores(z, "margin")
+    assert float(s[0]) == math.inf and int(p[0]) == 0
+
+
+def test_thresholds_compare_in_float32_like_the_device():
+    a = 0.1  # not a float32 number: float32(0.1) > 0.1
+    assert _f32(a) > a and _f32(a) == struct.unpack("f", struct.pack("f", a))[0]
+    assert _f32(math.inf) == math.inf and _f32(-math.inf) == -math.inf
+    assert _f32(1e300) == math.inf and _f32(-1e300) == -math.inf
+    score = torch.tensor([_f32(a)])
+    assert bool(score >= a)  # torch casts the threshold to float32 before comparing
+    assert _f32(a) >= _f32(a)
+
+
+def midway(scores: torch.Tensor, q: float) -> float:
+    """A threshold halfway between two neighbouring scores: decisions then survive float rounding
+    differences between batch sizes (the convolutions pick other kernels at batch size 1)."""
+    v = scores.double().sort().values
+    i = int(q * (len(v) - 1))
+    return float((v[i] + v[i + 1]) / 2)
+
+
+@pytest.mark.parametrize("score", ["max", "margin", "softmax"])
+def test_one_sample_at_a_time_decides_like_the_batch(score: str):
+    model = make_model(Pooling((4,)), score=score)
+    x = torch.randn(64, 3, 16, 16)
+    with torch.inference_mode():
+        h0 = model.stages[0](x.contiguous(memory_format=torch.channels_last))
+        s0, _ = gate_scores(model.gate_outputs(0, h0), score)
+        s1, _ = gate_scores(model.gate_outputs(1, model.stages[1](h0)), score)
+    model.set_thresholds([midway(s0, 0.6), midway(s1, 0.5)])
+    big = model(x)
+    counts = torch.bincount(big.exit, minlength=3)
+    assert (counts > 0).all(), counts
+    singles = [model(x[i : i + 1]) for i in range(64)]
+    assert torch.equal(torch.cat([o.exit for o in singles]), big.exit)
+    assert torch.equal(torch.cat([o.pred for o in singles]), big.pred)
+    torch.testing.assert_close(torch.cat([o.logits for o in singles]), big.logits, atol=1e-4, rtol=1e-4)
+    assert all(o.pred.dtype == o.exit.dtype == torch.long for o in singles)
+
+
+@pytest.mark.parametrize("score", ["max", "margin"])
+def test_a_single_sample_at_its_threshold_leaves_and_one_ulp_above_does_not(score: str):
+    model = make_model(Pooling((4,)), score=score)
+    for _ in range(8):
+        x = torch.randn(1, 3, 16, 16)
+        with torch.inference_mode():
+            h0 = model.stages[0](x.contiguous(memory_format=torch.channels_last))
+            s, p = gate_scores(model.gate_outputs(0, h0), score)
+        at = float(s[0])
+        model.set_thresholds([at + abs(at) * 1e-12, math.inf])  # a double that rounds to the score in float32
+        out = model(x)
+        assert int(out.exit[0]) == 0 and int(out.pred[0]) == int(p[0])
+        above = float(torch.nextafter(s, torch.tensor(math.inf))[0])
+        model.set_thresholds([above, math.inf])
+        assert int(model(x).exit[0]) == 2
+
+
+def test_outputs_come_back_in_input_order_with_each_exits_logits():
+    model = make_model(Pooling((2,)))
+    x = torch.randn(40, 3, 16, 16)
+    with torch.inference_mode():
+        h0 = model.stages[0](x.contiguous(memory_format=torch.channels_last))
+        h1 = model.stages[1](h0)
+        z0, z1, zb = model.gate_outputs(0, h0), model.gate_outputs(1, h1), model.stages[2](h1)
+        s0, _ = gate_scores(z0, "margin")
+        s1, _ = gate_scores(z1, "margin")
+    t = [float(s0.median()), float(s1.median())]
+    model.set_thresholds(t)
+    out = model(x)
+    want_exit = torch.where(s0 >= _f32(t[0]), 0, torch.where(s1 >= _f32(t[1]), 1, 2))
+    assert torch.equal(out.exit, want_exit)
+    want = torch.stack([z0, z1, zb])[want_exit, torch.arange(40)]
+    torch.testing.assert_close(out.logits, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.pred, want.argmax(1))
+    # everyone at the first gate, and everyone through to the head
+    model.set_thresholds([-math.inf, math.inf])
+    assert torch.equal(model(x).exit, torch.zeros(40, dtype=torch.long))
+    model.set_thresholds([math.inf, math.inf])
+    torch.testing.assert_close(model(x).logits, zb)
+
+
+def test_compaction_keeps_the_channels_last_memory_format():
+    model = make_model(Pooling((4,)))
+    x = torch.randn(32, 3, 16, 16)
+    seen: list[tuple[int, bool]] = []
+    hook = model.stages[1].register_forward_pre_hook(
+        lambda mod, args: seen.append((args[0].shape[0], args[0].is_contiguous(memory_format=torch.channels_last)))
+    )
+    with torch.inference_mode():
+        s0, _ = gate_scores(
+            model.gate_outputs(0, model.stages[0](x.contiguous(memory_format=torch.channels_last))), "margin"
+        )
+    t = midway(s0, 0.5)
+    model.set_thresholds([t, math.inf])
+    model(x)
+    hook.remove()
+    # about half left at gate 0; the survivors stay channels-last (index_select would make them NCHW)
+    assert seen == [(int((s0 < t).sum()), True)] and 0 < seen[0][0] < 32
+
+
+def test_bench_times_both_and_reports_what_it_saw():
+    model = make_model(Pooling((4,)))
+    x = torch.randn(24, 3, 16, 16)
+    with torch.inference_mode():
+        s0, _ = gate_scores(
+            model.gate_outputs(0, model.stages[0](x.contiguous(memory_format=torch.channels_last))), "margin"
+        )
+    model.set_thresholds([float(s0.quantile(0.6)), math.inf])
+    y = torch.randint(0, K, (24,))
+    r = bench(model, x, y, batch_sizes=[1, 8], repeats=2, min_batches=2)
+    assert [row.batch_size for row in r.rows] == [1, 8]
+    assert [row.batches for row in r.rows] == [48, 6]  # 24 and 3 batches, timed twice
+    assert [row.images for row in r.rows] == [48, 48]
+    out = model(x)
+    fractions = (torch.bincount(out.exit, minlength=3).double() / 24).tolist()
+    costs = torch.tensor(model.exit_costs(), dtype=torch.float64)
+    mean_cost = float(costs[out.exit].mean())
+    for row in r.rows:
+        assert row.exit_fractions == pytest.approx(fractions, abs=1e-12)
+        assert row.flops_ratio == pytest.approx(mean_cost / 210.0)
+        assert row.ideal_speedup == pytest.approx(210.0 / mean_cost)
+        assert row.efficiency == pytest.approx(row.speedup / row.ideal_speedup)
+        assert row.accuracy == float((out.pred == y).double().mean())
+        assert row.backbone_accuracy == float((model.backbone_forward(x).argmax(1) == y).double().mean())
+        assert 0 < row.gated_ms <= row.gated_p95_ms and 0 < row.backbone_ms <= row.backbone_p95_ms
+    listed = r.to_list()
+    keys = {"batch_size", "backbone_ms", "gated_ms", "speedup", "ideal_speedup", "flops_ratio", "accuracy"}
+    assert keys | {"backbone_accuracy", "device", "machine", "torch"} <= listed[0].keys()
+    assert f"malloc {_malloc.malloc_state()}" in listed[0]["machine"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt tuning is glibc/Linux only")
+def test_malloc_tuning(monkeypatch):
+    monkeypatch.setenv("DGATE_MALLOC", "system")
+    assert _malloc.tune_malloc_from_env() is False
+    assert _malloc.tune_malloc() is True  # glibc (the CI image): mallopt accepts both thresholds
+    assert _malloc.malloc_state() == "tuned"
+    assert _malloc.tune_malloc(mmap_threshold=1 << 40) is False  # not a C int
+
+
+def test_moving_the_model_drops_the_cached_gate_plans():
+    model = make_model(Pooling((4,)))
+    x = torch.randn(4, 3, 16, 16)
+    model.set_thresholds([math.inf, -math.inf])
+    model(x)
+    assert len(model._plans) == 1
+    model.to(torch.float64).to(torch.float32)
+    assert model._plans == {}
+    assert torch.equal(model(x).exit, torch.ones(4, dtype=torch.long))
