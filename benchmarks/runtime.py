@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -92,7 +93,7 @@ def make_resnet50_export(out: Path, data: str, images: int, fractions=(0.3, 0.2,
 
 
 def dgate_bench(
-    model_dir: Path, data: str, batch_sizes: str, images: int, repeats: int, extra: list[str]
+    model_dir: Path, data: str, batch_sizes: str, images: int, repeats: int, extra: list[str], env: dict | None = None
 ) -> list[dict]:
     cmd = [
         sys.executable,
@@ -113,7 +114,7 @@ def dgate_bench(
         "--json",
         *extra,
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})})
     return json.loads(out.stdout)
 
 
@@ -126,14 +127,20 @@ def main() -> None:
     ap.add_argument("--r50-images", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over the images (noise)")
     ap.add_argument("--skip-r50", action="store_true")
+    ap.add_argument(
+        "--malloc-system", action="store_true", help="also time ResNet-56 with DGATE_MALLOC=system (no malloc tuning)"
+    )
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     require_shared()
     rows = []
     if a.r56:
         never = ",".join(["1e30"] * len(json.loads((a.r56 / "dgate.json").read_text())["gates"]))
-        for label, extra in (("resnet56 calibrated", []), ("resnet56 no exits", ["--thresholds", never])):
-            for r in dgate_bench(a.r56, a.data, a.batch_size, a.images, a.repeats, extra):
+        runs = [("resnet56 calibrated", [], None), ("resnet56 no exits", ["--thresholds", never], None)]
+        if a.malloc_system:
+            runs.append(("resnet56 calibrated, malloc system", [], {"DGATE_MALLOC": "system"}))
+        for label, extra, env in runs:
+            for r in dgate_bench(a.r56, a.data, a.batch_size, a.images, a.repeats, extra, env):
                 rows.append(_row(label, r))
     if not a.skip_r50:
         with tempfile.TemporaryDirectory() as tmp:
@@ -158,6 +165,7 @@ def _row(label: str, r: dict) -> dict:
         "of_ideal": round(r["efficiency"], 3),
         "flops_ratio": round(r["flops_ratio"], 3),
         "exits": "/".join(f"{100 * f:.0f}" for f in r["exit_fractions"]),
+        "backbone_img_s": round(r["backbone_images_per_s"], 1),
         "device": r["device"],
     }
 

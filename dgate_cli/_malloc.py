@@ -4,8 +4,8 @@ glibc serves allocations above its mmap threshold (128 KiB, raised dynamically u
 fresh ``mmap`` pages and gives freed heap tops back to the OS (``M_TRIM_THRESHOLD``). A network
 allocates and frees the same activation sizes at every layer, so every large activation is
 page-faulted in again, 4 KiB at a time: on a 2-core EPYC that made a CIFAR ResNet-56 ``layer1``
-block at batch 32 take 9 ms instead of 3.4 ms, and made time stop following FLOPs (see
-``benchmarks/RESULTS.md``). Raising both thresholds keeps those buffers in the heap for reuse, as
+block at batch 32 take 9 ms instead of 3.4 ms, twice the time per MAC of the later stages, and a
+whole forward pass ~1.3x slower (see ``benchmarks/RESULTS.md``). Raising both thresholds keeps those buffers in the heap for reuse, as
 ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` or jemalloc/tcmalloc would. The price: the
 process keeps its peak heap instead of returning it to the OS.
 
