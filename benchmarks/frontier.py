@@ -46,7 +46,7 @@ from dgate_cli.gates import DEFAULT_C_GRID, LinearGate, choose_C, gate_scores
 from dgate_cli.thresholds import (
     GateOutcomes,
     OperatingPoint,
-    _Searcher,
+    lagrangian_path,
     search,
     search_confident,
     search_reserved,
@@ -82,7 +82,7 @@ _PATHS: dict[int, tuple[GateOutcomes, list[torch.Tensor]]] = {}
 def _path(oc: GateOutcomes) -> list[torch.Tensor]:
     """The search's Lagrangian path, once per set of outcomes (it is the slow part of a search)."""
     if id(oc) not in _PATHS:
-        _PATHS[id(oc)] = (oc, _Searcher(oc).lagrangian_path())
+        _PATHS[id(oc)] = (oc, lagrangian_path(oc))
     return _PATHS[id(oc)][1]
 
 
@@ -107,27 +107,31 @@ def _global_avg(config: cache.RunConfig, name: str, X: torch.Tensor) -> torch.Te
     return X.view(X.shape[0], c, cells).mean(2)
 
 
-def _fit_outputs(run: Path, tag: str, loss: str, names, view, splits) -> dict[str, dict[str, torch.Tensor]]:
-    """Gate outputs on val and test for gates fitted on train like ``dgate fit`` does (cached in RUN/frontier)."""
+def _fit_outputs(run: Path, tag: str, loss: str, names, view, splits, K: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Gate outputs on val and test for gates fitted on train like ``dgate fit`` does (cached in RUN/frontier;
+    delete that folder after a new ``dgate extract``)."""
     from safetensors.torch import load_file, save_file
 
     path = run / "frontier" / f"{tag}.safetensors"
     if path.exists():
         flat = load_file(str(path))
     else:
-        train = splits["train"]
+        train = cache.load_split(run, "train")  # only when fitting: it is the largest split
         flat = {}
         for n in names:
             t0 = time.perf_counter()
-            X = view(n, train.features[n])
-            C = choose_C(X, train.labels, loss=loss, grid=DEFAULT_C_GRID, holdout=0.1, num_classes=10).C
-            gate = LinearGate(loss=loss, C=C, max_iter=500).fit(X, train.labels, num_classes=10)
+            X = view(n, train.features[n].float())
+            C = choose_C(X, train.labels, loss=loss, grid=DEFAULT_C_GRID, holdout=0.1, num_classes=K).C
+            gate = LinearGate(loss=loss, C=C, max_iter=500).fit(X, train.labels, num_classes=K)
             flat[f"{n}.weight"], flat[f"{n}.bias"] = gate.folded()
             print(f"  {run.name} {tag} {n}: C={C:g} {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         path.parent.mkdir(exist_ok=True)
         save_file(flat, str(path))
     return {
-        s: {n: torch.addmm(flat[f"{n}.bias"], view(n, splits[s].features[n]), flat[f"{n}.weight"].t()) for n in names}
+        s: {
+            n: torch.addmm(flat[f"{n}.bias"], view(n, splits[s].features[n].float()), flat[f"{n}.weight"].t())
+            for n in names
+        }
         for s in ("val", "test")
     }
 
@@ -135,7 +139,7 @@ def _fit_outputs(run: Path, tag: str, loss: str, names, view, splits) -> dict[st
 def methods_for(run: Path) -> tuple[list[Method], GateOutcomes, torch.Tensor, cache.RunConfig]:
     """The methods, dgate's test outcomes, and whether each of its gates agrees with the backbone on test."""
     config = cache.read_run(run)
-    splits = {s: cache.load_split(run, s) for s in ("train", "val", "test")}
+    splits = {s: cache.load_split(run, s) for s in ("val", "test")}
     names = list(config.gates)
     fitted = read_gates(run)
     if fitted.loss != "hinge":
@@ -149,21 +153,22 @@ def methods_for(run: Path) -> tuple[list[Method], GateOutcomes, torch.Tensor, ca
     def same(_n, X):
         return X
 
-    ce = _fit_outputs(run, "ce", "ce", names, same, splits)
+    K = config.num_classes
+    ce = _fit_outputs(run, "ce", "ce", names, same, splits, K)
     missing = [n for n in PAPER_GATES if n not in names]
     if missing:
         sys.exit(f"{run}: the cache lacks the paper's positions {missing}")
     pidx = [names.index(n) for n in PAPER_GATES]
     p_reach = reach_costs(config, list(PAPER_GATES))
     p_cost = torch.tensor(
-        [gate_macs(math.prod(config.stage_shapes[i]), config.stage_shapes[i][0], 10) for i in pidx],
+        [gate_macs(math.prod(config.stage_shapes[i]), config.stage_shapes[i][0], K) for i in pidx],
         dtype=torch.float64,
     )
 
     def gavg(n, X):
         return _global_avg(config, n, X)
 
-    paper = _fit_outputs(run, "paper", "hinge", PAPER_GATES, gavg, splits)
+    paper = _fit_outputs(run, "paper", "hinge", PAPER_GATES, gavg, splits, K)
     ms = [
         Method(
             "paper",
@@ -183,9 +188,7 @@ def oracle(oc: GateOutcomes, backbone_pred_agree: torch.Tensor) -> float:
     """Cost ratio if each sample left at the first gate agreeing with the backbone (gates passed included)."""
     n, g = backbone_pred_agree.shape
     first = torch.where(backbone_pred_agree.any(1), backbone_pred_agree.float().argmax(1), torch.full((n,), g))
-    gate_cum = torch.cat([oc.gate_costs.cumsum(0), oc.gate_costs.sum().view(1)])
-    cost = oc.reach_costs[first] + gate_cum[first]
-    return float(cost.mean() / oc.reach_costs[-1])
+    return float(oc.exit_costs()[first].mean() / oc.reach_costs[-1])
 
 
 def run_one(

@@ -118,6 +118,12 @@ def dgate_bench(
     return json.loads(out.stdout)
 
 
+def no_exits(model_dir: Path) -> list[str]:
+    """``dgate bench`` arguments for thresholds above every score: every gate runs, nobody leaves."""
+    gates = json.loads((model_dir / "dgate.json").read_text())["gates"]
+    return ["--thresholds", ",".join(["1e30"] * len(gates))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--r56", type=Path, help="the calibrated CIFAR ResNet-56 export (skipped if not given)")
@@ -135,8 +141,7 @@ def main() -> None:
     require_shared()
     rows = []
     if a.r56:
-        never = ",".join(["1e30"] * len(json.loads((a.r56 / "dgate.json").read_text())["gates"]))
-        runs = [("resnet56 calibrated", [], None), ("resnet56 no exits", ["--thresholds", never], None)]
+        runs = [("resnet56 calibrated", [], None), ("resnet56 no exits", no_exits(a.r56), None)]
         if a.malloc_system:
             runs.append(("resnet56 calibrated, malloc system", [], {"DGATE_MALLOC": "system"}))
         for label, extra, env in runs:
@@ -147,7 +152,7 @@ def main() -> None:
             d = make_resnet50_export(Path(tmp) / "r50", a.data, a.r50_images)
             for label, extra in (
                 ("resnet50 30/20/20% exits", []),
-                ("resnet50 no exits", ["--thresholds", "1e30,1e30,1e30"]),
+                ("resnet50 no exits", no_exits(d)),
             ):
                 for r in dgate_bench(d, a.data, a.batch_size, a.r50_images, a.repeats, extra):
                     rows.append(_row(label, r))

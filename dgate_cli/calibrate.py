@@ -19,6 +19,7 @@ from .thresholds import (
     GateOutcomes,
     OperatingPoint,
     frontier,
+    lagrangian_path,
     search,
     search_confident,
     search_reserved,
@@ -183,15 +184,18 @@ def calibrate(
     oc, _pred = outcomes(config, fitted, data, names, score)
     target: dict[str, Any] = {"max_drop": max_drop} if max_drop is not None else {"accuracy": target_acc}
     goal = oc.backbone_accuracy - max_drop if max_drop is not None else float(target_acc)  # type: ignore[arg-type]
+    path = lagrangian_path(oc)  # shared by the search and the frontier
     if confidence is not None:
         target["confidence"] = confidence
         chosen = search_confident(oc, confidence, target_acc=target_acc, max_drop=max_drop)
     elif reserve > 0:
         target["reserve"] = reserve
-        chosen = search_reserved(oc, goal, reserve)
+        chosen = search_reserved(oc, goal, reserve, _path=path)
     else:
-        chosen = search(oc, goal, polish=polish)
-    return _finish(run_dir, split, len(data), names, score, goal, target, oc, chosen, config, warnings, t0, reserve)
+        chosen = search(oc, goal, polish=polish, _path=path)
+    return _finish(
+        run_dir, split, len(data), names, score, goal, target, oc, chosen, config, warnings, t0, reserve, path
+    )
 
 
 def _finish(
@@ -208,6 +212,7 @@ def _finish(
     warnings: list[str],
     t0: float,
     reserve: float,
+    path: list[torch.Tensor],
 ) -> CalibrationResult:
     result = CalibrationResult(
         run_dir=run_dir,
@@ -220,7 +225,7 @@ def _finish(
         backbone_accuracy=oc.backbone_accuracy,
         chosen=chosen,
         sequential=sequential(oc, goal),
-        frontier=frontier(oc, z=reserve),
+        frontier=frontier(oc, z=reserve, _path=path),
         reach_costs=oc.reach_costs.tolist(),
         gate_costs=oc.gate_costs.tolist(),
         unit=config.costs["unit"],

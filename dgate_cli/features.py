@@ -113,8 +113,9 @@ class PoolingPolicy:
     @classmethod
     def parse(cls, sizes: str = "auto", ops: str = "avg", budget: int = DEFAULT_BUDGET) -> PoolingPolicy:
         """Parse ``--pool auto|1|2|4|1,2`` and ``--pool-op avg|max|avg+max``."""
-        fixed = None if str(sizes).strip() == "auto" else Pooling.parse(sizes, ops).sizes
-        return cls(fixed, Pooling.parse("1", ops).ops, int(budget))
+        auto = str(sizes).strip() == "auto"
+        parsed = Pooling.parse("1" if auto else sizes, ops)
+        return cls(None if auto else parsed.sizes, parsed.ops, int(budget))
 
     def for_stage(self, shape: tuple[int, ...], layout: str) -> Pooling:
         """The pooling of a gate on a stage output of ``shape`` (one sample) and ``layout``."""
@@ -129,8 +130,9 @@ class PoolingPolicy:
         else:  # nlc: tokens, maybe with a class token
             channels, side = shape[1], math.isqrt(shape[0])
         for k in AUTO_SIZES:
-            if k <= side and channels * k * k * len(self.ops) <= self.budget:
-                return Pooling((k,), self.ops)
+            pooling = Pooling((k,), self.ops)
+            if k <= side and pooling.feature_size(channels) <= self.budget:
+                return pooling
         return Pooling((1,), self.ops)
 
     def __str__(self) -> str:

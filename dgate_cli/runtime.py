@@ -1,8 +1,8 @@
 """``GatedModel``: stage-by-stage execution where each sample leaves the batch at its own gate.
 
 After each stage the open gate scores the surviving samples; those at or above the gate's threshold
-are written to the output and removed from the batch (``index_select`` of the survivors), so no
-later stage runs for them. Closed gates (threshold ``inf``) are skipped entirely, at no cost. The
+are set aside and removed from the batch (the survivors are indexed out, keeping their memory
+format), so no later stage runs for them; the results are put back in input order at the end. Closed gates (threshold ``inf``) are skipped entirely, at no cost. The
 only host synchronisation is one per open gate, to learn how many samples remain.
 
 A gate is one pooling and one small matrix product. For a channels-last stage output the pooled
@@ -112,7 +112,6 @@ class GatedModel(nn.Module):
         self.channels_last = channels_last
         self.manifest = manifest or {}
         self.thresholds: list[float] = []
-        self._thresholds32: list[float] = []
         self._plans: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self.set_thresholds(thresholds)
         self.eval()
@@ -144,7 +143,6 @@ class GatedModel(nn.Module):
         if any(math.isnan(v) for v in values):
             raise ValueError("thresholds must be numbers or inf, not NaN")
         self.thresholds = values
-        self._thresholds32 = [_f32(v) for v in values]  # what a float32 comparison on the device sees
         return self
 
     def use_operating_point(self, max_drop: float | None = None, index: int | None = None) -> OperatingPoint:
@@ -244,23 +242,17 @@ class GatedModel(nn.Module):
                 continue
             done.append((g, alive[gone], z[gone], p[gone]))
             if n_leave == alive.numel():
-                return self._assemble(n, done, None, None)
+                return self._assemble(n, done)
             stay = torch.nonzero(~leave).squeeze(1)
             alive = alive[stay]
             h = h[stay]  # not index_select: that returns NCHW for a channels-last h, and NCHW convs run 2x slower
         out = self.stages[-1](h).float()
-        return self._assemble(n, done, alive, out)
+        done.append((self.num_gates, alive, out, out.argmax(1)))
+        return self._assemble(n, done)
 
-    def _assemble(
-        self,
-        n: int,
-        done: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
-        alive: torch.Tensor | None,
-        out: torch.Tensor | None,
-    ) -> GatedOutput:
-        """Scatter the per-gate results (and the backbone's for ``alive``) back into input order."""
-        if alive is not None and out is not None:
-            done = [*done, (self.num_gates, alive, out, out.argmax(1))]
+    @staticmethod
+    def _assemble(n: int, done: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]) -> GatedOutput:
+        """Put the per-exit results ``(exit, rows, outputs, classes)`` back into input order."""
         if len(done) == 1 and done[0][1].numel() == n:  # everyone left at one exit: rows are in order
             g, _, z, p = done[0]
             return GatedOutput(z, p, torch.full((n,), g, dtype=torch.long, device=z.device))
@@ -281,7 +273,7 @@ class GatedModel(nn.Module):
                 continue
             z = self.gate_outputs(g, h)
             s, p = score(z.view(-1).tolist())
-            if s >= self._thresholds32[g]:
+            if s >= _f32(self.thresholds[g]):  # the threshold as a float32 comparison on the device sees it
                 return self._one(z, p, g)
         out = self.stages[-1](h).float()
         return self._one(out, int(out.argmax(1)), self.num_gates)

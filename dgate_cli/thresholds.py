@@ -458,10 +458,17 @@ def search(
     return _with_target(point, target)
 
 
-def max_accuracy(oc: GateOutcomes) -> OperatingPoint:
+def max_accuracy(oc: GateOutcomes, _path: list[torch.Tensor] | None = None) -> OperatingPoint:
     """The most accurate thresholds (cheapest among them)."""
     s = _Searcher(oc)
-    return oc.evaluate(s.best_for(oc.num_samples, s.lagrangian_path()[:1], polish=False))
+    path = s.lagrangian_path() if _path is None else _path
+    return oc.evaluate(s.best_for(oc.num_samples, path[:1], polish=False))
+
+
+def lagrangian_path(oc: GateOutcomes) -> list[torch.Tensor]:
+    """The search's Lagrangian path: the slow, target-independent part of :func:`search`. Compute it
+    once and pass it (``_path=``) to several searches on the same outcomes."""
+    return _Searcher(oc).lagrangian_path()
 
 
 def _with_target(p: OperatingPoint, target: float | None) -> OperatingPoint:
@@ -495,7 +502,11 @@ DEFAULT_DROPS = (0.0, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2)  # 
 
 
 def frontier(
-    oc: GateOutcomes, drops: Sequence[float] = DEFAULT_DROPS, polish: bool = False, z: float = 0.0
+    oc: GateOutcomes,
+    drops: Sequence[float] = DEFAULT_DROPS,
+    polish: bool = False,
+    z: float = 0.0,
+    _path: list[torch.Tensor] | None = None,
 ) -> Frontier:
     """Cheapest thresholds at each accuracy drop below the backbone's (non-dominated points only).
 
@@ -503,7 +514,7 @@ def frontier(
     is the accuracy it promises on new data, its ``accuracy`` what it reaches on the calibration split.
     """
     points = []
-    path = _Searcher(oc).lagrangian_path()
+    path = lagrangian_path(oc) if _path is None else _path
     for d in drops:
         target = max(0.0, oc.backbone_accuracy - d)
         try:
@@ -647,13 +658,15 @@ def search_confident(
             t = search(learn, top - j * CONFIDENT_STEP, polish=False, _path=path).thresholds
         except TargetUnreachableError:
             continue
-        candidates.setdefault(t, (risk(learn, t), -learn.evaluate(t).mean_cost))
-    chosen = closed
+        if t not in candidates:
+            candidates[t] = (risk(learn, t), -learn.evaluate(t).mean_cost)
+    chosen, chosen_cost = closed, oc.evaluate(closed).mean_cost
     for t in sorted(candidates, key=candidates.__getitem__):  # the safest on the first half first
         if not holds(t):
             break
-        if oc.evaluate(t).mean_cost < oc.evaluate(chosen).mean_cost:
-            chosen = t
+        cost = oc.evaluate(t).mean_cost
+        if cost < chosen_cost:
+            chosen, chosen_cost = t, cost
     return _with_target(oc.evaluate(chosen), goal)
 
 
@@ -663,6 +676,7 @@ def _bisect_nominal(
     ok: Callable[[tuple[float, ...]], bool],
     path: list[torch.Tensor] | None = None,
     guess: Callable[[tuple[float, ...]], float] | None = None,
+    known: dict[int, tuple[float, ...] | None] | None = None,
 ) -> tuple[float, ...]:
     """The cheapest :func:`search` result, over nominal targets from ``goal`` up, that ``ok`` accepts.
 
@@ -670,11 +684,11 @@ def _bisect_nominal(
     samples whose thresholds ``ok`` still accepts (all gates closed, the backbone alone, is the
     fallback). ``guess(thresholds)`` proposes a nominal accuracy from a rejected point (e.g. the
     goal plus that point's reserve); a few such steps bracket the answer tightly, then integer
-    bisection finishes it. Each count is searched at most once.
+    bisection finishes it. Each count is searched at most once (``known``: counts already searched).
     """
     n = oc.num_samples
     path = _Searcher(oc).lagrangian_path() if path is None else path
-    memo: dict[int, tuple[float, ...] | None] = {}
+    memo: dict[int, tuple[float, ...] | None] = dict(known or {})
 
     def at(need: int) -> tuple[float, ...] | None:
         if need not in memo:
@@ -689,8 +703,7 @@ def _bisect_nominal(
         return t is not None and ok(t)
 
     lo = _need(goal, n) - 1  # the largest count known to be rejected (or below the goal)
-    searcher = _Searcher(oc)
-    reachable = int(searcher.totals(searcher.best_for(n, path[:1], polish=False))[0])
+    reachable = round(max_accuracy(oc, _path=path).accuracy * n)
     hi = min(reachable, _need(min(1.0, goal + 0.05), n))  # the bracket's top
     if hi <= lo:
         return tuple([INF] * oc.num_gates)
@@ -745,14 +758,15 @@ def search_reserved(
     if z < 0:
         raise SpecError(f"the noise reserve z must be >= 0, got {z}")
     if z == 0:
-        return search(oc, target)
-    path = _Searcher(oc).lagrangian_path() if _path is None else _path
-    search(oc, target, polish=False, _path=path)  # raises TargetUnreachableError with the reachable accuracy
+        return search(oc, target, _path=_path)
+    path = lagrangian_path(oc) if _path is None else _path
+    first = search(oc, target, polish=False, _path=path)  # raises TargetUnreachableError with the reachable accuracy
     t = _bisect_nominal(
         oc,
         target,
         lambda t: oc.evaluate(t).accuracy - reserve(oc, t, z) >= target - 1e-12,
         path=path,
         guess=lambda t: target + reserve(oc, t, z),
+        known={_need(target, oc.num_samples): first.thresholds},
     )
     return _with_target(oc.evaluate(t), target)
