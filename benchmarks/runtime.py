@@ -119,9 +119,10 @@ def dgate_bench(
 
 
 def no_exits(model_dir: Path) -> list[str]:
-    """``dgate bench`` arguments for thresholds above every score: every gate runs, nobody leaves."""
-    gates = json.loads((model_dir / "dgate.json").read_text())["gates"]
-    return ["--thresholds", ",".join(["1e30"] * len(gates))]
+    """``dgate bench`` arguments for thresholds above every score: every open gate runs, nobody
+    leaves (gates the calibration closed stay closed)."""
+    thresholds = json.loads((model_dir / "dgate.json").read_text())["thresholds"]
+    return ["--thresholds", ",".join("inf" if t in ("inf", math.inf) else "1e30" for t in thresholds)]
 
 
 def main() -> None:

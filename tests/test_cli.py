@@ -478,6 +478,8 @@ def test_calibrate_passes_its_options(monkeypatch, tmp_path):
         "0.9",
         "--reserve",
         "1.5",
+        "--gate-overhead",
+        "0.01",
         "--json",
     )
     assert result.exit_code == 0, (result.stderr, result.exception)
@@ -493,6 +495,7 @@ def test_calibrate_passes_its_options(monkeypatch, tmp_path):
                 "gates": ["a", "b"],
                 "confidence": 0.9,
                 "reserve": 1.5,
+                "gate_overhead": 0.01,
             },
         )
     ]

@@ -18,10 +18,10 @@ from conftest import DEMO_GATES
 from safetensors import safe_open
 
 import dgate_cli
-from dgate_cli import cache, demo, manifest
+from dgate_cli import _io, cache, demo, manifest
 from dgate_cli.calibrate import CalibrationResult, calibrate, outcomes
 from dgate_cli.data import open_dataset
-from dgate_cli.errors import CacheMismatchError, ManifestError
+from dgate_cli.errors import CacheMismatchError, ManifestError, SpecError
 from dgate_cli.evaluate import EvaluateResult, evaluate
 from dgate_cli.export import export
 from dgate_cli.extract import ExtractResult, extract
@@ -155,6 +155,37 @@ def test_the_pipeline_calibrates_to_its_target(pipe: Pipeline):
     assert cal.backbone_accuracy > 0.3, "the demo CNN did not learn; the test data is not meaningful"
     assert cal.chosen.cost_ratio < 1.0, "the gates save nothing: they carry no signal"
     assert sum(cal.chosen.exit_fractions) == pytest.approx(1.0)
+
+
+def test_gate_overhead_closes_gates_that_do_not_pay_and_reports_macs(pipe: Pipeline, cached, tmp_path: Path):
+    run = Path(shutil.copytree(pipe.run, tmp_path / "run"))
+    oc = cached[0]
+    B = oc.backbone_cost
+    # every gate charged half a backbone: none can pay for itself, all stay closed
+    r = calibrate(run, max_drop=MAX_DROP, gate_overhead=0.5)
+    assert r.chosen.thresholds == (math.inf,) * len(DEMO_GATES)
+    assert r.chosen.cost_ratio == 1.0 and r.chosen.exit_fractions[-1] == 1.0
+    assert r.target["gate_overhead"] == 0.5
+    assert _io.read_json(run / "calibration.json")["target"]["gate_overhead"] == 0.5
+    # a small charge: the chosen point is the cheapest when gates are priced with it (reserve 0: same target)
+    plain = calibrate(run, max_drop=MAX_DROP, reserve=0)
+    priced = calibrate(run, max_drop=MAX_DROP, reserve=0, gate_overhead=0.02)
+    for p in (plain.chosen, priced.chosen, *priced.frontier.points):  # reported costs are MACs
+        assert p.mean_cost == pytest.approx(oc.evaluate(p.thresholds).mean_cost, rel=1e-12)
+
+    def with_overhead(p):
+        return p.mean_cost + 0.02 * B * sum(
+            f for g, f in enumerate(reach_fractions(p)) if g < len(DEMO_GATES) and p.thresholds[g] < math.inf
+        )
+
+    def reach_fractions(p):  # share of samples that reach each gate
+        return [1.0 - sum(p.exit_fractions[:g]) for g in range(len(p.exit_fractions))]
+
+    assert priced.chosen.accuracy >= priced.target_accuracy
+    assert with_overhead(priced.chosen) <= with_overhead(plain.chosen) + 1e-9 * B
+    assert sum(t < math.inf for t in priced.chosen.thresholds) <= sum(t < math.inf for t in plain.chosen.thresholds)
+    with pytest.raises(SpecError, match=r"--gate-overhead must be a fraction .* got 1.5"):
+        calibrate(run, max_drop=MAX_DROP, gate_overhead=1.5)
 
 
 def test_exported_model_does_exactly_what_calibration_predicted(pipe: Pipeline, val_eval: EvaluateResult, cached):

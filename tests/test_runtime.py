@@ -7,6 +7,7 @@ import math
 import struct
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from dgate_cli import _malloc
 from dgate_cli.bench import bench
 from dgate_cli.features import Pooling, pool
 from dgate_cli.gates import gate_scores
-from dgate_cli.runtime import _HOST_SCORES, GatedModel, _f32
+from dgate_cli.runtime import _HOST_RULES, _LIST_RULES, GatedModel, _f32
 
 TORCH_THREADS = 1  # see conftest._threads
 K = 5
@@ -68,29 +69,41 @@ def test_gate_outputs_equal_pooling_then_linear(pooling: Pooling, channels_last:
             assert got.shape == (6, K)
             torch.testing.assert_close(got, reference_outputs(model, g, hh), atol=1e-5, rtol=1e-5)
     fast = [plan[0] for plan in model._plans.values()]
-    # the copy-free path is taken exactly for one average grid on a channels-last output
-    assert fast == (
-        [pooling.sizes[0]] * 2 if channels_last and pooling.ops == ("avg",) and len(pooling.sizes) == 1 else [0, 0]
-    )
+    # the reordered-weights path is taken exactly for one average grid (either memory format)
+    assert fast == ([pooling.sizes[0]] * 2 if pooling.ops == ("avg",) and len(pooling.sizes) == 1 else [0, 0])
+
+
+def test_half_precision_stage_outputs_are_scored_in_float32():
+    model = make_model(Pooling((4,)))
+    h = torch.randn(3, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    got = model.gate_outputs(0, h.half())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, reference_outputs(model, 0, h.half()), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("score", ["max", "margin"])
-def test_host_scores_are_gate_scores_bit_for_bit(score: str):
+def test_host_rules_are_gate_scores_bit_for_bit(score: str):
     torch.manual_seed(1)
     z = torch.randn(2000, K) * torch.logspace(-3, 3, 2000)[:, None]
     z[:50, 1] = z[:50, 0]  # exact ties for the top class
     z[50:100, 2] = torch.nextafter(z[50:100, 3], torch.tensor(math.inf))  # margins of one ulp
+    z[100:110] = 0.0  # all tied
     s, p = gate_scores(z, score)
-    for i in range(z.shape[0]):
-        hs, hp = _HOST_SCORES[score](z[i].tolist())
-        assert hs == float(s[i]) and hp == int(p[i]), (i, z[i])
+    hs, hp = _HOST_RULES[score](z.numpy())
+    assert hs.dtype == np.float32
+    assert torch.equal(torch.from_numpy(hs), s) and torch.equal(torch.from_numpy(hp), p)
+    for i in range(z.shape[0]):  # one sample, as a Python list
+        ls, lp = _LIST_RULES[score](z[i].tolist())
+        assert ls == float(s[i]) and lp == int(p[i]), (i, z[i])
 
 
 def test_single_class_margin_is_infinite_on_both_paths():
-    z = torch.tensor([[0.25]])
-    assert _HOST_SCORES["margin"](z[0].tolist()) == (math.inf, 0)
+    z = torch.tensor([[0.25], [-1.0]])
+    hs, hp = _HOST_RULES["margin"](z.numpy())
+    assert hs.tolist() == [math.inf, math.inf] and hp.tolist() == [0, 0]
+    assert _LIST_RULES["margin"]([0.25]) == (math.inf, 0)
     s, p = gate_scores(z, "margin")
-    assert float(s[0]) == math.inf and int(p[0]) == 0
+    assert s.tolist() == [math.inf, math.inf] and p.tolist() == [0, 0]
 
 
 def test_thresholds_compare_in_float32_like_the_device():
@@ -169,6 +182,29 @@ def test_outputs_come_back_in_input_order_with_each_exits_logits():
     assert torch.equal(model(x).exit, torch.zeros(40, dtype=torch.long))
     model.set_thresholds([math.inf, math.inf])
     torch.testing.assert_close(model(x).logits, zb)
+
+
+@pytest.mark.parametrize("score", ["max", "margin"])
+def test_host_decisions_equal_the_device_path(score: str):
+    """The NumPy exit decisions (CPU batches) and the tensor ones (GPU batches) give the same
+    exits, classes and outputs, run here side by side on the CPU."""
+    model = make_model(Pooling((2,)), score=score, seed=3)
+    x = torch.randn(48, 3, 16, 16)
+    with torch.inference_mode():
+        h0 = model.stages[0](x.contiguous(memory_format=torch.channels_last))
+        s0, _ = gate_scores(model.gate_outputs(0, h0), score)
+        s1, _ = gate_scores(model.gate_outputs(1, model.stages[1](h0)), score)
+    # (1/47, q1): one survivor after gate 0, decided from a Python list at gate 1
+    for q0, q1 in [(0.3, 0.5), (0.0, 0.9), (1.0, 0.2), (0.7, 1.0), (1 / 47, 0.0), (1 / 47, 1.0)]:
+        t = [float(s0.sort().values[int(q0 * 47)]), float(s1.sort().values[int(q1 * 47)])]  # ties: some sample's score
+        model.set_thresholds(t)
+        host = model(x)
+        with torch.inference_mode():
+            dev = model._forward_device(x.contiguous(memory_format=torch.channels_last))
+        assert torch.equal(host.exit, dev.exit) and torch.equal(host.pred, dev.pred), (q0, q1)
+        assert torch.equal(host.logits, dev.logits)
+        assert host.exit.dtype == host.pred.dtype == torch.long and host.logits.dtype == torch.float32
+    assert int((host.exit == 2).sum()) == 1  # the last case: the lone survivor went on to the head
 
 
 def test_compaction_keeps_the_channels_last_memory_format():
