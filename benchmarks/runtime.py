@@ -1,15 +1,17 @@
 """Measured speed-up of gated models vs their own backbone, through ``dgate bench``.
 
 Two models:
-  * the calibrated CIFAR ResNet-56 export from the README pipeline (``--r56 DIR``), on CIFAR test;
+  * calibrated CIFAR ResNet-56 exports from the README pipeline (``--r56 DIR [DIR ...]``, e.g.
+    calibrated with and without ``--gate-overhead``), on CIFAR test;
   * a torchvision ResNet-50 at 224 px with random weights and random gates after layer1..3, with
     thresholds set on the images so that about 30% / 20% / 20% of them leave at the three gates
     (a realistic share; random weights are fine for timing), on CIFAR test images resized to 224.
 
 For each: batch sizes (default 1 and 32), speed-up vs the ideal one the MACs promise, and the
-overhead of gates that run but let nobody out (thresholds above every score).
+overhead of gates that run but let nobody out (thresholds above every score; gates the
+calibration closed stay closed). ``--stream`` adds throughput-mode rows (batch sizes above 1).
 
-    python benchmarks/runtime.py --r56 models/r56-gated --json
+    python benchmarks/runtime.py --r56 models/r56-gated models/r56-gated-ovh --stream --json
 """
 
 from __future__ import annotations
@@ -127,7 +129,10 @@ def no_exits(model_dir: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--r56", type=Path, help="the calibrated CIFAR ResNet-56 export (skipped if not given)")
+    ap.add_argument(
+        "--r56", type=Path, nargs="+", default=[], help="calibrated CIFAR ResNet-56 exports (skipped if not given)"
+    )
+    ap.add_argument("--stream", action="store_true", help="also time throughput mode (dgate bench --stream)")
     ap.add_argument("--data", default=str(CIFAR / "test"))
     ap.add_argument("--batch-size", default="1,32")
     ap.add_argument("--images", type=int, default=512)
@@ -141,18 +146,19 @@ def main() -> None:
     a = ap.parse_args()
     require_shared()
     rows = []
-    if a.r56:
-        runs = [("resnet56 calibrated", [], None), ("resnet56 no exits", no_exits(a.r56), None)]
+    for r56 in a.r56:
+        name = f"resnet56 {r56.name}"
+        runs = [(name, ["--stream"] if a.stream else [], None), (f"{name} no exits", no_exits(r56), None)]
         if a.malloc_system:
-            runs.append(("resnet56 calibrated, malloc system", [], {"DGATE_MALLOC": "system"}))
+            runs.append((f"{name}, malloc system", [], {"DGATE_MALLOC": "system"}))
         for label, extra, env in runs:
-            for r in dgate_bench(a.r56, a.data, a.batch_size, a.images, a.repeats, extra, env):
+            for r in dgate_bench(r56, a.data, a.batch_size, a.images, a.repeats, extra, env):
                 rows.append(_row(label, r))
     if not a.skip_r50:
         with tempfile.TemporaryDirectory() as tmp:
             d = make_resnet50_export(Path(tmp) / "r50", a.data, a.r50_images)
             for label, extra in (
-                ("resnet50 30/20/20% exits", []),
+                ("resnet50 30/20/20% exits", ["--stream"] if a.stream else []),
                 ("resnet50 no exits", no_exits(d)),
             ):
                 for r in dgate_bench(d, a.data, a.batch_size, a.r50_images, a.repeats, extra):
@@ -164,6 +170,7 @@ def _row(label: str, r: dict) -> dict:
     return {
         "model": label,
         "batch": r["batch_size"],
+        "mode": r["mode"],
         "backbone_ms": round(r["backbone_ms"], 2),
         "gated_ms": round(r["gated_ms"], 2),
         "speedup": round(r["speedup"], 3),
@@ -172,6 +179,7 @@ def _row(label: str, r: dict) -> dict:
         "flops_ratio": round(r["flops_ratio"], 3),
         "exits": "/".join(f"{100 * f:.0f}" for f in r["exit_fractions"]),
         "backbone_img_s": round(r["backbone_images_per_s"], 1),
+        "gated_img_s": round(r["gated_images_per_s"], 1),
         "device": r["device"],
     }
 

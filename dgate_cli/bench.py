@@ -34,6 +34,9 @@ class BenchRow:
         speedup: backbone time / gated time, over all timed batches.
         ideal_speedup: backbone MACs / gated mean MACs on these images (gates included).
         efficiency: speedup / ideal_speedup.
+        mode: ``batch`` (each batch on its own, as :meth:`GatedModel.forward` runs it) or
+            ``stream`` (:meth:`GatedModel.stream`: survivors of several batches share a stage
+            batch; latencies are then mean and worst time per input batch over the passes).
     """
 
     batch_size: int
@@ -52,6 +55,7 @@ class BenchRow:
     exit_fractions: list[float]
     accuracy: float | None
     backbone_accuracy: float | None
+    mode: str = "batch"
 
 
 @dataclass
@@ -83,6 +87,7 @@ def bench(
     repeats: int = 1,
     min_batches: int = 5,
     progress: ProgressFn | None = None,
+    stream: bool = False,
 ) -> BenchResult:
     """Time ``model`` and its backbone on normalised ``images`` (already on the model's device).
 
@@ -95,6 +100,9 @@ def bench(
         warmup: untimed passes over the batches first, per model and batch size. One pass makes
             every survivor batch size the timed pass meets warm (oneDNN builds a kernel per shape).
         repeats: timed passes over the batches (more passes, less noise on a shared machine).
+        stream: also time throughput mode (:meth:`GatedModel.stream`) per batch size above 1
+            (at 1 it is the batch mode): one more row each, ``mode="stream"``, whole passes over
+            the batches interleaved with the backbone's.
 
     Example:
         >>> r = bench(load("models/r56-gated"), x, y, batch_sizes=[1, 32])  # doctest: +SKIP
@@ -146,6 +154,11 @@ def bench(
         speedup = sum(t_bb) / sum(t_g)
         ideal = backbone_cost / mean_cost
         imgs = len(timed) * b
+        if stream and b > 1:
+            ys = None
+            if labels is not None:
+                ys = [labels[s : s + b] if n >= b else labels.repeat(math.ceil(b / n))[:b] for s in starts]
+            stream_row = _stream_row(model, batches, ys, b, warmup, repeats, costs, backbone_cost, progress)
         result.rows.append(
             BenchRow(
                 batch_size=b,
@@ -166,7 +179,83 @@ def bench(
                 backbone_accuracy=bb_acc,
             )
         )
+        if stream and b > 1:
+            result.rows.append(stream_row)
     return result
+
+
+def _stream_row(
+    model: GatedModel,
+    batches: list[torch.Tensor],
+    labels: list[torch.Tensor] | None,
+    b: int,
+    warmup: int,
+    repeats: int,
+    costs: torch.Tensor,
+    backbone_cost: float,
+    progress: ProgressFn | None,
+) -> BenchRow:
+    """Whole passes of :meth:`GatedModel.stream` over ``batches`` against the backbone's passes."""
+    device = batches[0].device
+    n = sum(x.shape[0] for x in batches)
+    exit_ = torch.empty(n, dtype=torch.long)
+    pred = torch.empty(n, dtype=torch.long)
+
+    def gated() -> None:
+        for index, out in model.stream(batches, batch_size=b):
+            exit_[index.cpu()] = out.exit.cpu()
+            pred[index.cpu()] = out.pred.cpu()
+
+    def backbone() -> None:
+        for x in batches:
+            model.backbone_forward(x)
+
+    t_g: list[float] = []
+    t_bb: list[float] = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            gated()
+            backbone()
+        for r in range(max(1, repeats)):
+            for which in ("g", "b") if r % 2 == 0 else ("b", "g"):
+                sync(device)
+                t0 = time.perf_counter()
+                gated() if which == "g" else backbone()
+                sync(device)
+                (t_g if which == "g" else t_bb).append(time.perf_counter() - t0)
+            if progress:
+                progress(f"batch size {b}, stream", r + 1, max(1, repeats))
+    mean_cost = float(costs[exit_].mean())
+    acc = bb_acc = None
+    if labels is not None:  # the labels of each batch
+        y = torch.cat(labels).cpu()
+        acc = float((pred == y).double().mean())
+        with torch.inference_mode():
+            bb = torch.cat([model.backbone_forward(x).argmax(1).cpu() for x in batches])
+        bb_acc = float((bb == y).double().mean())
+    nb = len(batches)
+    speedup = sum(t_bb) / sum(t_g)
+    ideal = backbone_cost / mean_cost
+    imgs = n * len(t_g)
+    return BenchRow(
+        batch_size=b,
+        batches=nb * len(t_g),
+        images=imgs,
+        backbone_ms=1e3 * statistics.mean(t_bb) / nb,
+        gated_ms=1e3 * statistics.mean(t_g) / nb,
+        backbone_p95_ms=1e3 * max(t_bb) / nb,
+        gated_p95_ms=1e3 * max(t_g) / nb,
+        backbone_images_per_s=imgs / sum(t_bb),
+        gated_images_per_s=imgs / sum(t_g),
+        speedup=speedup,
+        ideal_speedup=ideal,
+        efficiency=speedup / ideal,
+        flops_ratio=mean_cost / backbone_cost,
+        exit_fractions=(torch.bincount(exit_, minlength=model.num_gates + 1).double() / n).tolist(),
+        accuracy=acc,
+        backbone_accuracy=bb_acc,
+        mode="stream",
+    )
 
 
 def _accuracy(model: GatedModel, images: torch.Tensor, labels: torch.Tensor, b: int) -> tuple[float, float]:

@@ -539,5 +539,16 @@ def test_bench_command_reports_json_for_each_batch_size(pipe: Pipeline):
         assert len(r["exit_fractions"]) == model.num_gates + 1 and sum(r["exit_fractions"]) == pytest.approx(1.0)
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["backbone_accuracy"] <= 1.0
         assert "threads" in r["device"] and "malloc" in r["machine"]
+    assert all(r["mode"] == "batch" for r in rows)
+    streamed = CliRunner().invoke(app, [*args, "--batch-size", "16", "--images", "80", "--stream", "--json"])
+    assert streamed.exit_code == 0, (streamed.stderr, streamed.exception)
+    batch_row, stream_row = json.loads(streamed.stdout)
+    assert (batch_row["mode"], stream_row["mode"]) == ("batch", "stream")
+    assert stream_row["images"] == 80 and stream_row["batches"] == 5  # one pass over the same 5 batches
+    assert sum(stream_row["exit_fractions"]) == pytest.approx(1.0) and stream_row["speedup"] > 0
+    assert stream_row["backbone_accuracy"] == batch_row["backbone_accuracy"]  # 5 batches of 16: the same 80 images
+    assert stream_row["accuracy"] == pytest.approx(batch_row["accuracy"], abs=2 / 80)  # up to float rounding
+    table = CliRunner(env={"COLUMNS": "200"}).invoke(app, [*args, "--batch-size", "16", "--images", "48", "--stream"])
+    assert table.exit_code == 0 and "16 stream" in table.stdout and "throughput mode" in table.stdout
     bad = CliRunner().invoke(app, [*args, "--batch-size", "1,x"])
     assert bad.exit_code == 2 and "--batch-size must be comma-separated integers" in bad.stderr

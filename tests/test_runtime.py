@@ -226,6 +226,59 @@ def test_compaction_keeps_the_channels_last_memory_format():
     assert seen == [(int((s0 < t).sum()), True)] and 0 < seen[0][0] < 32
 
 
+@pytest.mark.parametrize("score", ["margin", "softmax"])  # host and device decisions
+def test_stream_decides_like_forward_and_keeps_stage_batches_full(score: str):
+    model = make_model(Pooling((2,)), score=score, seed=5)
+    x = torch.randn(70, 3, 16, 16)
+    with torch.inference_mode():
+        h0 = model.stages[0](x.contiguous(memory_format=torch.channels_last))
+        s0, _ = gate_scores(model.gate_outputs(0, h0), score)
+        s1, _ = gate_scores(model.gate_outputs(1, model.stages[1](h0)), score)
+    model.set_thresholds([midway(s0, 0.5), midway(s1, 0.5)])
+    want = model(x)
+    sizes: list[list[int]] = [[], [], []]
+    seen_formats: list[bool] = []
+    hooks = [
+        st.register_forward_pre_hook(lambda mod, args, k=k: sizes[k].append(args[0].shape[0]))
+        for k, st in enumerate(model.stages)
+    ]
+    hooks.append(
+        model.stages[1].register_forward_pre_hook(
+            lambda mod, args: seen_formats.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+    )
+    got_index, got = [], []
+    for index, out in model.stream(x.split(8)):  # 8 batches of 8 and one of 6
+        got_index.append(index)
+        got.append(out)
+    for hook in hooks:
+        hook.remove()
+    index = torch.cat(got_index)
+    assert sorted(index.tolist()) == list(range(70))  # every sample exactly once
+    order = torch.empty_like(index)
+    order[index] = torch.arange(70)
+    exit_ = torch.cat([o.exit for o in got])[order]
+    assert torch.equal(exit_, want.exit)
+    assert torch.equal(torch.cat([o.pred for o in got])[order], want.pred)
+    torch.testing.assert_close(torch.cat([o.logits for o in got])[order], want.logits, atol=1e-5, rtol=1e-5)
+    # stage 0 runs each input batch; the later stages run full batches of 8, one remnant each at the end
+    assert sizes[0] == [8] * 8 + [6]
+    reached = [int((exit_ >= g).sum()) for g in (1, 2)]
+    for k, n in zip((1, 2), reached, strict=True):
+        assert sum(sizes[k]) == n and all(b == 8 for b in sizes[k][:-1]) and 0 < sizes[k][-1] <= 8, sizes[k]
+    assert all(seen_formats)  # survivors gathered from several batches stay channels-last
+
+
+def test_stream_batch_size_and_empty_input():
+    model = make_model(Pooling((4,)))
+    model.set_thresholds([-math.inf, math.inf])  # everyone leaves at gate 0
+    x = torch.randn(10, 3, 16, 16)
+    outs = list(model.stream(x.split(3), batch_size=5))
+    assert [o.exit.tolist() for _, o in outs] == [[0] * 5, [0] * 5]  # stage 0 waited for 5 inputs
+    assert torch.equal(torch.cat([i for i, _ in outs]), torch.arange(10))
+    assert list(model.stream([])) == []
+
+
 def test_bench_times_both_and_reports_what_it_saw():
     model = make_model(Pooling((4,)))
     x = torch.randn(24, 3, 16, 16)
@@ -251,6 +304,14 @@ def test_bench_times_both_and_reports_what_it_saw():
         assert row.accuracy == float((out.pred == y).double().mean())
         assert row.backbone_accuracy == float((model.backbone_forward(x).argmax(1) == y).double().mean())
         assert 0 < row.gated_ms <= row.gated_p95_ms and 0 < row.backbone_ms <= row.backbone_p95_ms
+    assert all(row.mode == "batch" for row in r.rows)
+    rs = bench(model, x, y, batch_sizes=[8], repeats=2, min_batches=2, stream=True)
+    assert [row.mode for row in rs.rows] == ["batch", "stream"]
+    st = rs.rows[1]
+    assert st.batches == 6 and st.images == 48  # two whole passes over 3 batches
+    assert st.exit_fractions == pytest.approx(fractions, abs=1e-12)  # the same decisions as forward
+    assert st.accuracy == r.rows[1].accuracy and st.backbone_accuracy == r.rows[1].backbone_accuracy
+    assert st.ideal_speedup == pytest.approx(210.0 / mean_cost) and st.speedup > 0
     listed = r.to_list()
     keys = {"batch_size", "backbone_ms", "gated_ms", "speedup", "ideal_speedup", "flops_ratio", "accuracy"}
     assert keys | {"backbone_accuracy", "device", "machine", "torch"} <= listed[0].keys()

@@ -40,6 +40,13 @@ def bench_command(
     repeats: Annotated[
         int, typer.Option(help="Timed passes over the images per batch size (more: less noise).", min=1)
     ] = 1,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="Also time throughput mode (GatedModel.stream): survivors of several batches are pooled so every stage runs full batches.",
+        ),
+    ] = False,
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (default: torch's choice).", min=1, show_default=False)
     ] = None,
@@ -49,8 +56,10 @@ def bench_command(
 
     Interleaved batch by batch after warm-up, synchronised on CUDA. Reports latency p50/p95 per
     batch, images/s, exit fractions, the measured speed-up and the ideal one the FLOPs promise.
+    --stream adds a throughput-mode row per batch size (offline scoring: the later stages run
+    full batches gathered from several input batches, instead of each batch's dwindling rest).
 
-    Example: dgate bench models/r56-gated --data cifar10-jpeg/test --batch-size 1,32
+    Example: dgate bench models/r56-gated --data cifar10-jpeg/test --batch-size 1,32 --stream
     """
     try:
         sizes = [int(s) for s in batch_size.split(",") if s.strip()]
@@ -78,7 +87,7 @@ def bench_command(
     x = pre.normalize(torch.cat(xs).to(dev))
     y = torch.cat(ys)
     with progress(enabled=not json, unit="batches") as bar:
-        result = bench(model, x, y, batch_sizes=sizes, repeats=repeats, progress=bar)
+        result = bench(model, x, y, batch_sizes=sizes, repeats=repeats, progress=bar, stream=stream)
     if json:
         print_json(result.to_list())
         return
@@ -87,7 +96,7 @@ def bench_command(
         table.add_column(col, justify="right")
     for r in result.rows:
         table.add_row(
-            str(r.batch_size),
+            str(r.batch_size) + (" stream" if r.mode == "stream" else ""),
             f"{r.backbone_ms:.2f} ({r.backbone_p95_ms:.2f})",
             f"{r.gated_ms:.2f} ({r.gated_p95_ms:.2f})",
             f"[bold]{r.speedup:.2f}x[/]",
@@ -98,5 +107,7 @@ def bench_command(
         )
     out.print(table)
     out.print("ms: median (p95) per batch; exits: " + " / ".join(result.exit_names) + "; accuracy: gated (backbone)")
+    if stream:
+        out.print("stream rows: whole passes in throughput mode; ms: mean (worst pass) per input batch")
     out.print(f"machine: {result.machine}")
     out.print(f"device: {result.device}; thresholds: {', '.join(f'{t:.4g}' for t in result.thresholds)}")
