@@ -12,6 +12,9 @@ gate's ``(N, K)`` outputs, with the float32 rounding of :func:`gate_scores`: a h
 microseconds where the same decision as tensor operations costs about a tenth of a millisecond
 per gate on a small CPU. On a GPU the decision stays on the device, with one host synchronisation
 per open gate to learn how many samples remain.
+
+:meth:`GatedModel.stream` is the throughput mode: survivors wait in a queue per stage until a full
+batch of them (from several input batches) is there, so the deep stages do not run on remnants.
 """
 
 from __future__ import annotations
