@@ -19,7 +19,7 @@ import torch
 
 from ._device import describe, sync
 from ._malloc import malloc_state
-from .runtime import GatedModel
+from .runtime import GatedModel, GatedOutput
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -154,11 +154,10 @@ def bench(
         speedup = sum(t_bb) / sum(t_g)
         ideal = backbone_cost / mean_cost
         imgs = len(timed) * b
-        if stream and b > 1:
-            ys = None
-            if labels is not None:
-                ys = [labels[s : s + b] if n >= b else labels.repeat(math.ceil(b / n))[:b] for s in starts]
-            stream_row = _stream_row(model, batches, ys, b, warmup, repeats, costs, backbone_cost, progress)
+        if stream and b > 1:  # a pass over every image once, as offline scoring would
+            stream_row = _stream_row(
+                model, list(images.split(b)), labels, b, warmup, repeats, costs, backbone_cost, progress
+            )
         result.rows.append(
             BenchRow(
                 batch_size=b,
@@ -187,7 +186,7 @@ def bench(
 def _stream_row(
     model: GatedModel,
     batches: list[torch.Tensor],
-    labels: list[torch.Tensor] | None,
+    labels: torch.Tensor | None,
     b: int,
     warmup: int,
     repeats: int,
@@ -195,16 +194,14 @@ def _stream_row(
     backbone_cost: float,
     progress: ProgressFn | None,
 ) -> BenchRow:
-    """Whole passes of :meth:`GatedModel.stream` over ``batches`` against the backbone's passes."""
+    """Whole passes of :meth:`GatedModel.stream` over ``batches`` (all images, in order) against
+    the backbone's passes; accuracy on the same images as the batch rows'."""
     device = batches[0].device
     n = sum(x.shape[0] for x in batches)
-    exit_ = torch.empty(n, dtype=torch.long)
-    pred = torch.empty(n, dtype=torch.long)
+    results: list[list[tuple[torch.Tensor, GatedOutput]]] = []
 
     def gated() -> None:
-        for index, out in model.stream(batches, batch_size=b):
-            exit_[index.cpu()] = out.exit.cpu()
-            pred[index.cpu()] = out.pred.cpu()
+        results[:] = [list(model.stream(batches, batch_size=b))]  # bookkeeping after the clock stops
 
     def backbone() -> None:
         for x in batches:
@@ -225,14 +222,18 @@ def _stream_row(
                 (t_g if which == "g" else t_bb).append(time.perf_counter() - t0)
             if progress:
                 progress(f"batch size {b}, stream", r + 1, max(1, repeats))
+    exit_ = torch.empty(n, dtype=torch.long)
+    pred = torch.empty(n, dtype=torch.long)
+    for index, out in results[-1]:
+        exit_[index.cpu()] = out.exit.cpu()
+        pred[index.cpu()] = out.pred.cpu()
     mean_cost = float(costs[exit_].mean())
     acc = bb_acc = None
-    if labels is not None:  # the labels of each batch
-        y = torch.cat(labels).cpu()
-        acc = float((pred == y).double().mean())
+    if labels is not None:
+        acc = float((pred == labels[:n].cpu()).double().mean())
         with torch.inference_mode():
             bb = torch.cat([model.backbone_forward(x).argmax(1).cpu() for x in batches])
-        bb_acc = float((bb == y).double().mean())
+        bb_acc = float((bb == labels[:n].cpu()).double().mean())
     nb = len(batches)
     speedup = sum(t_bb) / sum(t_g)
     ideal = backbone_cost / mean_cost

@@ -173,9 +173,24 @@ class GatedModel(nn.Module):
             ok = [p for p, a in zip(self.frontier, promise, strict=True) if a >= top - max_drop - 1e-12]  # type: ignore[operator]
             if not ok:
                 ok = [self.frontier[max(range(len(promise)), key=promise.__getitem__)]]
-            point = min(ok, key=lambda p: p.mean_cost)
+            point = min(ok, key=self._search_cost)
         self.set_thresholds(list(point.thresholds))
         return point
+
+    def _search_cost(self, p: OperatingPoint) -> float:
+        """What calibration minimised for ``p``: its mean MACs plus, under ``--gate-overhead F``,
+        ``F`` x the backbone's cost for every open gate a sample reaches (so that switching points
+        does not reopen gates the calibration closed as not worth their time)."""
+        overhead = float(self.manifest.get("calibration", {}).get("target", {}).get("gate_overhead") or 0.0)
+        if not overhead:
+            return p.mean_cost
+        reach, passed = 1.0, 0.0
+        for t, f in zip(p.thresholds, p.exit_fractions, strict=False):
+            if t < math.inf:
+                passed += reach
+            reach -= f
+        backbone = self.reach_costs[-1] if self.reach_costs else p.mean_cost / p.cost_ratio
+        return p.mean_cost + overhead * backbone * passed
 
     def exit_costs(self) -> list[float]:
         """MACs of leaving at each exit under the current thresholds (closed gates cost nothing)."""
@@ -336,10 +351,15 @@ class GatedModel(nn.Module):
             >>> for index, out in model.stream(loader_batches):  # doctest: +SKIP
             ...     preds[index] = out.pred
         """
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of samples, got {batch_size}")
         queues: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(self.num_gates + 1)]
         counts = [0] * (self.num_gates + 1)
         offset = 0
         for x in batches:
+            if x.shape[0] == 0:
+                continue
+            caller = x.untyped_storage().data_ptr()
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             batch_size = batch_size or x.shape[0]
@@ -347,6 +367,8 @@ class GatedModel(nn.Module):
             counts[0] += x.shape[0]
             offset += x.shape[0]
             yield from self._drain(queues, counts, batch_size, flush=False)
+            # inputs still waiting are copied: the caller may refill its buffer for the next batch
+            queues[0] = [(h.clone() if h.untyped_storage().data_ptr() == caller else h, i) for h, i in queues[0]]
         yield from self._drain(queues, counts, batch_size or 1, flush=True)
 
     def _drain(
@@ -466,22 +488,37 @@ def _np_max(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _np_margin(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     p = z.argmax(1)
-    if z.shape[1] == 1:
-        return np.full(z.shape[0], np.inf, dtype=z.dtype), p
-    top = np.partition(z, -2, axis=1)[:, -2:]  # (second largest, largest) per row
-    return top[:, 1] - top[:, 0], p
+    with np.errstate(invalid="ignore"):  # inf - inf and NaN give NaN, as in torch
+        if z.shape[1] == 1:  # torch pads with -inf: z - (-inf)
+            return z[:, 0] + np.float32(np.inf), p
+        top = np.partition(z, -2, axis=1)[:, -2:]  # (second largest, largest) per row; NaN sorts last
+        return top[:, 1] - top[:, 0], p
+
+
+def _list_nan(row: list[float]) -> int:
+    """Index of the first NaN in ``row``, or -1 (torch's max and topk rank NaN above everything)."""
+    for i, v in enumerate(row):
+        if v != v:
+            return i
+    return -1
 
 
 def _list_max(row: list[float]) -> tuple[float, int]:
+    nan = _list_nan(row)
+    if nan >= 0:
+        return math.nan, nan
     best = max(row)
     return best, row.index(best)
 
 
 def _list_margin(row: list[float]) -> tuple[float, int]:
+    nan = _list_nan(row)
+    if nan >= 0:
+        return math.nan, nan
     best = max(row)
     p = row.index(best)
     if len(row) == 1:
-        return math.inf, 0
+        return best + math.inf, 0  # torch pads with -inf: NaN for -inf, else inf
     second = max(row[:p] + row[p + 1 :])
     return _f32(best - second), p
 

@@ -97,6 +97,24 @@ def test_host_rules_are_gate_scores_bit_for_bit(score: str):
         assert ls == float(s[i]) and lp == int(p[i]), (i, z[i])
 
 
+@pytest.mark.parametrize("score", ["max", "margin"])
+def test_nan_and_infinite_outputs_score_like_torch(score: str):
+    nan, inf = math.nan, math.inf
+    z = torch.tensor([[1.0, nan, 3.0], [nan, 2.0, nan], [-inf, -inf, -inf], [inf, inf, 1.0], [inf, 0.0, 1.0]])
+    s, p = gate_scores(z, score)
+    hs, hp = _HOST_RULES[score](z.numpy())
+    assert torch.allclose(torch.from_numpy(hs), s, equal_nan=True, atol=0, rtol=0)  # bit-equal, NaN = NaN
+    assert torch.equal(torch.from_numpy(hp), p)
+    for i in range(z.shape[0]):
+        ls, lp = _LIST_RULES[score](z[i].tolist())
+        assert (ls == float(s[i]) or (math.isnan(ls) and math.isnan(float(s[i])))) and lp == int(p[i]), (i, ls, lp)
+    one = torch.tensor([[-inf], [nan], [2.0]])  # K = 1: torch's margin is z - (-inf)
+    s1, _ = gate_scores(one, "margin")
+    assert torch.allclose(torch.from_numpy(_HOST_RULES["margin"](one.numpy())[0]), s1, equal_nan=True, atol=0, rtol=0)
+    assert [_LIST_RULES["margin"](r)[0] for r in one.tolist()][2] == inf
+    assert all(math.isnan(_LIST_RULES["margin"](r)[0]) for r in one.tolist()[:2])
+
+
 def test_single_class_margin_is_infinite_on_both_paths():
     z = torch.tensor([[0.25], [-1.0]])
     hs, hp = _HOST_RULES["margin"](z.numpy())
@@ -277,6 +295,35 @@ def test_stream_batch_size_and_empty_input():
     assert [o.exit.tolist() for _, o in outs] == [[0] * 5, [0] * 5]  # stage 0 waited for 5 inputs
     assert torch.equal(torch.cat([i for i, _ in outs]), torch.arange(10))
     assert list(model.stream([])) == []
+    # empty batches are skipped, even first; a bad batch size is refused
+    outs = list(model.stream([x[:0], x[:4], x[4:4], x[4:]]))
+    assert torch.equal(torch.cat([i for i, _ in outs]), torch.arange(10))
+    with pytest.raises(ValueError, match="batch_size must be a positive number"):
+        list(model.stream([x], batch_size=0))
+
+
+def test_stream_does_not_keep_the_callers_buffer():
+    """A producer that refills one buffer for every batch: inputs still queued are copies."""
+    model = make_model(Pooling((2,)), seed=7)
+    x = torch.randn(30, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        s0, _ = gate_scores(model.gate_outputs(0, model.stages[0](x)), "margin")
+    model.set_thresholds([midway(s0, 0.5), math.inf])
+    want = model(x)
+    buf = torch.empty(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+
+    def refill():
+        for i in range(0, 30, 4):
+            part = x[i : i + 4]
+            buf[: part.shape[0]].copy_(part)
+            yield buf[: part.shape[0]]
+
+    got = list(model.stream(refill(), batch_size=6))  # stage 0 waits for 6: part of each buffer stays queued
+    index = torch.cat([i for i, _ in got])
+    order = torch.empty_like(index)
+    order[index] = torch.arange(30)
+    assert torch.equal(torch.cat([o.exit for _, o in got])[order], want.exit)
+    assert torch.equal(torch.cat([o.pred for _, o in got])[order], want.pred)
 
 
 def test_bench_times_both_and_reports_what_it_saw():
@@ -325,6 +372,21 @@ def test_malloc_tuning(monkeypatch):
     assert _malloc.tune_malloc() is True  # glibc (the CI image): mallopt accepts both thresholds
     assert _malloc.malloc_state() == "tuned"
     assert _malloc.tune_malloc(mmap_threshold=1 << 40) is False  # not a C int
+
+
+def test_switching_points_keeps_gates_closed_that_the_overhead_pricing_closed():
+    from dgate_cli.thresholds import OperatingPoint
+
+    one = OperatingPoint((1.0, math.inf), 0.90, 156.0, 156.0 / 210, (0.5, 0.0, 0.5), target=0.89)
+    two = OperatingPoint((1.0, 2.0), 0.90, 155.5, 155.5 / 210, (0.5, 0.1, 0.4), target=0.89)
+    model = make_model(Pooling((4,)))
+    model.frontier = [one, two]
+    model.manifest = {"calibration": {"backbone_accuracy": 0.90, "target": {"max_drop": 0.01}}}
+    assert model.use_operating_point(max_drop=0.01) == two  # MACs only: the second gate saves 0.5 MACs
+    # charged 0.1 x 210 MACs per open gate reached: 156 + 21 = 177 against 155.5 + 21 * 1.5 = 187
+    model.manifest["calibration"]["target"]["gate_overhead"] = 0.1
+    assert model.use_operating_point(max_drop=0.01) == one
+    assert model.thresholds == [1.0, math.inf]
 
 
 def test_moving_the_model_drops_the_cached_gate_plans():

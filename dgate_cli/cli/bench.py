@@ -107,7 +107,7 @@ def bench_command(
         )
     out.print(table)
     out.print("ms: median (p95) per batch; exits: " + " / ".join(result.exit_names) + "; accuracy: gated (backbone)")
-    if stream:
+    if any(r.mode == "stream" for r in result.rows):
         out.print("stream rows: whole passes in throughput mode; ms: mean (worst pass) per input batch")
     out.print(f"machine: {result.machine}")
     out.print(f"device: {result.device}; thresholds: {', '.join(f'{t:.4g}' for t in result.thresholds)}")
