@@ -110,8 +110,6 @@ def bench(
     """
     device = images.device
     model.eval()
-    costs = torch.tensor(model.exit_costs(), dtype=torch.float64)
-    backbone_cost = float(model.reach_costs[-1])  # type: ignore[index]
     result = BenchResult(
         describe(device), _machine(device), torch.__version__, list(model.thresholds), [*model.gate_names, "backbone"]
     )
@@ -145,41 +143,13 @@ def bench(
                     exits.append(out.exit.cpu())
                 if progress:
                     progress(f"batch size {b}", i + 1, len(timed))
-        e = torch.cat(exits)
-        counts = torch.bincount(e, minlength=model.num_gates + 1)
-        mean_cost = float(costs[e].mean())
         acc = bb_acc = None
         if labels is not None:
             acc, bb_acc = _accuracy(model, images, labels, b)
-        speedup = sum(t_bb) / sum(t_g)
-        ideal = backbone_cost / mean_cost
-        imgs = len(timed) * b
+        lat = (statistics.median(t_bb), statistics.median(t_g), _pct(t_bb, 0.95), _pct(t_g, 0.95))
+        result.rows.append(_row(model, b, len(timed), len(timed) * b, t_bb, t_g, lat, torch.cat(exits), acc, bb_acc))
         if stream and b > 1:  # a pass over every image once, as offline scoring would
-            stream_row = _stream_row(
-                model, list(images.split(b)), labels, b, warmup, repeats, costs, backbone_cost, progress
-            )
-        result.rows.append(
-            BenchRow(
-                batch_size=b,
-                batches=len(timed),
-                images=imgs,
-                backbone_ms=1e3 * statistics.median(t_bb),
-                gated_ms=1e3 * statistics.median(t_g),
-                backbone_p95_ms=1e3 * _pct(t_bb, 0.95),
-                gated_p95_ms=1e3 * _pct(t_g, 0.95),
-                backbone_images_per_s=imgs / sum(t_bb),
-                gated_images_per_s=imgs / sum(t_g),
-                speedup=speedup,
-                ideal_speedup=ideal,
-                efficiency=speedup / ideal,
-                flops_ratio=mean_cost / backbone_cost,
-                exit_fractions=(counts.double() / e.numel()).tolist(),
-                accuracy=acc,
-                backbone_accuracy=bb_acc,
-            )
-        )
-        if stream and b > 1:
-            result.rows.append(stream_row)
+            result.rows.append(_stream_row(model, list(images.split(b)), labels, bb_acc, b, warmup, repeats, progress))
     return result
 
 
@@ -187,11 +157,10 @@ def _stream_row(
     model: GatedModel,
     batches: list[torch.Tensor],
     labels: torch.Tensor | None,
+    backbone_accuracy: float | None,
     b: int,
     warmup: int,
     repeats: int,
-    costs: torch.Tensor,
-    backbone_cost: float,
     progress: ProgressFn | None,
 ) -> BenchRow:
     """Whole passes of :meth:`GatedModel.stream` over ``batches`` (all images, in order) against
@@ -227,35 +196,50 @@ def _stream_row(
     for index, out in results[-1]:
         exit_[index.cpu()] = out.exit.cpu()
         pred[index.cpu()] = out.pred.cpu()
-    mean_cost = float(costs[exit_].mean())
-    acc = bb_acc = None
-    if labels is not None:
-        acc = float((pred == labels[:n].cpu()).double().mean())
-        with torch.inference_mode():
-            bb = torch.cat([model.backbone_forward(x).argmax(1).cpu() for x in batches])
-        bb_acc = float((bb == labels[:n].cpu()).double().mean())
-    nb = len(batches)
+    acc = float((pred == labels[:n].cpu()).double().mean()) if labels is not None else None
+    nb = len(batches)  # latencies: mean and worst pass, per input batch
+    lat = (statistics.mean(t_bb) / nb, statistics.mean(t_g) / nb, max(t_bb) / nb, max(t_g) / nb)
+    return _row(model, b, nb * len(t_g), n * len(t_g), t_bb, t_g, lat, exit_, acc, backbone_accuracy, "stream")
+
+
+def _row(
+    model: GatedModel,
+    b: int,
+    batches: int,
+    images: int,
+    t_bb: list[float],
+    t_g: list[float],
+    lat: tuple[float, float, float, float],
+    exits: torch.Tensor,
+    acc: float | None,
+    bb_acc: float | None,
+    mode: str = "batch",
+) -> BenchRow:
+    """A :class:`BenchRow` from the timings (seconds), the latencies to report (backbone, gated,
+    then their p95 or worst) and the exit index of each image seen."""
+    costs = torch.tensor(model.exit_costs(), dtype=torch.float64)
+    backbone_cost = float(model.reach_costs[-1])  # type: ignore[index]
+    mean_cost = float(costs[exits].mean())
     speedup = sum(t_bb) / sum(t_g)
     ideal = backbone_cost / mean_cost
-    imgs = n * len(t_g)
     return BenchRow(
         batch_size=b,
-        batches=nb * len(t_g),
-        images=imgs,
-        backbone_ms=1e3 * statistics.mean(t_bb) / nb,
-        gated_ms=1e3 * statistics.mean(t_g) / nb,
-        backbone_p95_ms=1e3 * max(t_bb) / nb,
-        gated_p95_ms=1e3 * max(t_g) / nb,
-        backbone_images_per_s=imgs / sum(t_bb),
-        gated_images_per_s=imgs / sum(t_g),
+        batches=batches,
+        images=images,
+        backbone_ms=1e3 * lat[0],
+        gated_ms=1e3 * lat[1],
+        backbone_p95_ms=1e3 * lat[2],
+        gated_p95_ms=1e3 * lat[3],
+        backbone_images_per_s=images / sum(t_bb),
+        gated_images_per_s=images / sum(t_g),
         speedup=speedup,
         ideal_speedup=ideal,
         efficiency=speedup / ideal,
         flops_ratio=mean_cost / backbone_cost,
-        exit_fractions=(torch.bincount(exit_, minlength=model.num_gates + 1).double() / n).tolist(),
+        exit_fractions=(torch.bincount(exits, minlength=model.num_gates + 1).double() / exits.numel()).tolist(),
         accuracy=acc,
         backbone_accuracy=bb_acc,
-        mode="stream",
+        mode=mode,
     )
 
 

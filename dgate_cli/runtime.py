@@ -265,8 +265,7 @@ class GatedModel(nn.Module):
                     return _assemble_host(n, done, x.device)
                 continue
             z = zt.cpu().numpy()
-            s, p = rule(z)
-            leave = s >= np.float32(_f32(t))
+            leave, p = _host_decide(rule, z, t)
             gone = np.flatnonzero(leave)
             if gone.size == 0:
                 continue
@@ -400,8 +399,7 @@ class GatedModel(nn.Module):
     def _decide(self, g: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows that leave at gate ``g``, rows that stay, classes) for its outputs ``z``."""
         if z.device.type == "cpu" and self.score in _HOST_RULES:
-            s, p = _HOST_RULES[self.score](z.numpy())
-            leave = s >= np.float32(_f32(self.thresholds[g]))
+            leave, p = _host_decide(_HOST_RULES[self.score], z.numpy(), self.thresholds[g])
             return (
                 torch.from_numpy(np.flatnonzero(leave)),
                 torch.from_numpy(np.flatnonzero(~leave)),
@@ -438,6 +436,13 @@ def _f32(v: float) -> float:
         return struct.unpack("f", struct.pack("f", v))[0]
     except OverflowError:  # beyond float32's range: it compares as an infinity would
         return math.copysign(math.inf, v)
+
+
+def _host_decide(rule, z: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """(leave mask, classes) for gate outputs ``z`` under threshold ``t``, compared in float32 as a
+    device compares a Python float with a float32 score."""
+    s, p = rule(z)
+    return s >= np.float32(_f32(t)), p
 
 
 def _take(queue: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:

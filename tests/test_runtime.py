@@ -134,6 +134,15 @@ def test_thresholds_compare_in_float32_like_the_device():
     assert _f32(a) >= _f32(a)
 
 
+def scores_at_gates(model: GatedModel, x: torch.Tensor, score: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample's score at gate 0 and gate 1 (all samples through both stages)."""
+    with torch.inference_mode():
+        h0 = model.stages[0](x.contiguous(memory_format=torch.channels_last))
+        s0, _ = gate_scores(model.gate_outputs(0, h0), score)
+        s1, _ = gate_scores(model.gate_outputs(1, model.stages[1](h0)), score)
+    return s0, s1
+
+
 def midway(scores: torch.Tensor, q: float) -> float:
     """A threshold halfway between two neighbouring scores: decisions then survive float rounding
     differences between batch sizes (the convolutions pick other kernels at batch size 1)."""
@@ -146,10 +155,7 @@ def midway(scores: torch.Tensor, q: float) -> float:
 def test_one_sample_at_a_time_decides_like_the_batch(score: str):
     model = make_model(Pooling((4,)), score=score)
     x = torch.randn(64, 3, 16, 16)
-    with torch.inference_mode():
-        h0 = model.stages[0](x.contiguous(memory_format=torch.channels_last))
-        s0, _ = gate_scores(model.gate_outputs(0, h0), score)
-        s1, _ = gate_scores(model.gate_outputs(1, model.stages[1](h0)), score)
+    s0, s1 = scores_at_gates(model, x, score)
     model.set_thresholds([midway(s0, 0.6), midway(s1, 0.5)])
     big = model(x)
     counts = torch.bincount(big.exit, minlength=3)
@@ -208,10 +214,7 @@ def test_host_decisions_equal_the_device_path(score: str):
     exits, classes and outputs, run here side by side on the CPU."""
     model = make_model(Pooling((2,)), score=score, seed=3)
     x = torch.randn(48, 3, 16, 16)
-    with torch.inference_mode():
-        h0 = model.stages[0](x.contiguous(memory_format=torch.channels_last))
-        s0, _ = gate_scores(model.gate_outputs(0, h0), score)
-        s1, _ = gate_scores(model.gate_outputs(1, model.stages[1](h0)), score)
+    s0, s1 = scores_at_gates(model, x, score)
     # (1/47, q1): one survivor after gate 0, decided from a Python list at gate 1
     for q0, q1 in [(0.3, 0.5), (0.0, 0.9), (1.0, 0.2), (0.7, 1.0), (1 / 47, 0.0), (1 / 47, 1.0)]:
         t = [float(s0.sort().values[int(q0 * 47)]), float(s1.sort().values[int(q1 * 47)])]  # ties: some sample's score
@@ -228,16 +231,13 @@ def test_host_decisions_equal_the_device_path(score: str):
 def test_compaction_keeps_the_channels_last_memory_format():
     model = make_model(Pooling((4,)))
     x = torch.randn(32, 3, 16, 16)
+    s0, _ = scores_at_gates(model, x, "margin")
+    t = midway(s0, 0.5)
+    model.set_thresholds([t, math.inf])
     seen: list[tuple[int, bool]] = []
     hook = model.stages[1].register_forward_pre_hook(
         lambda mod, args: seen.append((args[0].shape[0], args[0].is_contiguous(memory_format=torch.channels_last)))
     )
-    with torch.inference_mode():
-        s0, _ = gate_scores(
-            model.gate_outputs(0, model.stages[0](x.contiguous(memory_format=torch.channels_last))), "margin"
-        )
-    t = midway(s0, 0.5)
-    model.set_thresholds([t, math.inf])
     model(x)
     hook.remove()
     # about half left at gate 0; the survivors stay channels-last (index_select would make them NCHW)
@@ -248,10 +248,7 @@ def test_compaction_keeps_the_channels_last_memory_format():
 def test_stream_decides_like_forward_and_keeps_stage_batches_full(score: str):
     model = make_model(Pooling((2,)), score=score, seed=5)
     x = torch.randn(70, 3, 16, 16)
-    with torch.inference_mode():
-        h0 = model.stages[0](x.contiguous(memory_format=torch.channels_last))
-        s0, _ = gate_scores(model.gate_outputs(0, h0), score)
-        s1, _ = gate_scores(model.gate_outputs(1, model.stages[1](h0)), score)
+    s0, s1 = scores_at_gates(model, x, score)
     model.set_thresholds([midway(s0, 0.5), midway(s1, 0.5)])
     want = model(x)
     sizes: list[list[int]] = [[], [], []]
@@ -306,8 +303,7 @@ def test_stream_does_not_keep_the_callers_buffer():
     """A producer that refills one buffer for every batch: inputs still queued are copies."""
     model = make_model(Pooling((2,)), seed=7)
     x = torch.randn(30, 3, 16, 16).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        s0, _ = gate_scores(model.gate_outputs(0, model.stages[0](x)), "margin")
+    s0, _ = scores_at_gates(model, x, "margin")
     model.set_thresholds([midway(s0, 0.5), math.inf])
     want = model(x)
     buf = torch.empty(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
@@ -329,10 +325,7 @@ def test_stream_does_not_keep_the_callers_buffer():
 def test_bench_times_both_and_reports_what_it_saw():
     model = make_model(Pooling((4,)))
     x = torch.randn(24, 3, 16, 16)
-    with torch.inference_mode():
-        s0, _ = gate_scores(
-            model.gate_outputs(0, model.stages[0](x.contiguous(memory_format=torch.channels_last))), "margin"
-        )
+    s0, _ = scores_at_gates(model, x, "margin")
     model.set_thresholds([float(s0.quantile(0.6)), math.inf])
     y = torch.randint(0, K, (24,))
     r = bench(model, x, y, batch_sizes=[1, 8], repeats=2, min_batches=2)
