@@ -33,6 +33,9 @@ from .features import Pooling, pool
 from .gates import gate_scores
 from .thresholds import OperatingPoint, decode_threshold
 
+# the pooling op without F.adaptive_avg_pool2d's Python argument handling (~15 us a call, cold)
+_adaptive_avg_pool2d = getattr(torch._C._nn, "adaptive_avg_pool2d", F.adaptive_avg_pool2d)
+
 
 def fuse_batchnorm(stage: nn.Module) -> nn.Module:
     """A copy of ``stage`` with each BatchNorm folded into the convolution before it (eval only).
@@ -60,6 +63,16 @@ class GatedOutput(NamedTuple):
     logits: torch.Tensor
     pred: torch.Tensor
     exit: torch.Tensor
+
+
+class _GatePlan(NamedTuple):
+    size: int  # the grid side for one average grid on an NCHW output, else 0
+    dim: int  # D, the gate's input features
+    weight_t: torch.Tensor  # (D, K): (s, s, C) order for a grid, else the features' order
+    weight_chw: torch.Tensor  # (D, K) in (C, s, s) order
+    bias: torch.Tensor
+    bias_np: np.ndarray  # on the host, for the NumPy decisions
+    bias_list: list[float]  # for one sample's decision in Python
 
 
 class GatedModel(nn.Module):
@@ -117,8 +130,9 @@ class GatedModel(nn.Module):
         self.frontier = list(frontier)
         self.channels_last = channels_last
         self.manifest = manifest or {}
-        self.thresholds: list[float] = []
-        self._plans: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # per gate, see _plan
+        self._thresholds: list[float] = []
+        self._t32: list[float] = []  # the thresholds rounded to float32, as a device compares them
+        self._plans: dict[int, _GatePlan] = {}  # per gate, see _plan
         self.set_thresholds(thresholds)
         self.eval()
 
@@ -150,6 +164,16 @@ class GatedModel(nn.Module):
             raise ValueError("thresholds must be numbers or inf, not NaN")
         self.thresholds = values
         return self
+
+    @property
+    def thresholds(self) -> list[float]:
+        """Per gate, the threshold its exit score must reach (``inf``: closed)."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, values: Sequence[float]) -> None:
+        self._thresholds = list(values)
+        self._t32 = [_f32(t) for t in self._thresholds]
 
     def use_operating_point(self, max_drop: float | None = None, index: int | None = None) -> OperatingPoint:
         """Switch to a stored frontier point: the cheapest whose promised accuracy (its calibration
@@ -206,83 +230,109 @@ class GatedModel(nn.Module):
 
     # -- inference --------------------------------------------------------------------------------
     def gate_outputs(self, g: int, h: torch.Tensor) -> torch.Tensor:
-        """Gate ``g``'s outputs ``(N, K)`` (float32) for stage output ``h``."""
-        plan = self._plans.get(g)
-        if plan is None:
-            plan = self._plans[g] = self._plan(g)
-        size, weight_t, bias = plan
-        if size:  # one average grid: the pooled (N, s, s, C) in memory order for channels-last (no copy)
-            f = F.adaptive_avg_pool2d(h, size).permute(0, 2, 3, 1).reshape(h.shape[0], -1)
-        else:
-            f = pool(h, self.poolings[g], self.layouts[g])
+        """Gate ``g``'s outputs ``(N, K)`` (float32) for stage output ``h``: the pooled features
+        times the weights, plus the bias (added in float32 after the product, as the host paths do)."""
+        return self._gate_product(g, h).add_(self._plan(g).bias)
+
+    def _gate_product(self, g: int, h: torch.Tensor) -> torch.Tensor:
+        """Gate ``g``'s pooled features times its weights, without the bias: ``(N, K)`` float32.
+
+        Three operations for one average grid (pool, a strided view, ``mm``) - each small op costs
+        20-40 us right after a stage on a CPU, and ``addmm`` with a broadcast bias twice ``mm``."""
+        plan = self._plans.get(g) or self._plan(g)
+        n = h.shape[0]
+        if plan.size:
+            f = _adaptive_avg_pool2d(h, plan.size)
+            if f.dtype != torch.float32:
+                f = f.float()
+            if f.is_contiguous():  # NCHW (or a 1x1 grid): features in (C, s, s) order
+                return torch.mm(f.view(n, -1), plan.weight_chw)
+            if f.is_contiguous(memory_format=torch.channels_last):  # (s, s, C) in memory: no copy
+                return torch.mm(f.as_strided((n, plan.dim), (plan.dim, 1)), plan.weight_t)
+            return torch.mm(f.permute(0, 2, 3, 1).reshape(n, -1), plan.weight_t)
+        f = pool(h, self.poolings[g], self.layouts[g])
         if f.dtype != torch.float32:
             f = f.float()
-        return torch.addmm(bias, f, weight_t)
+        return torch.mm(f, plan.weight_t)
 
-    def _plan(self, g: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """How gate ``g`` reads its stage output: (grid size ``s`` when it is one average grid on
-        an NCHW output, else 0; the weights as a transposed ``(D, K)`` view of a ``(K, D)`` matrix,
-        the layout MKL multiplies fastest, in ``(s, s, C)`` feature order for a grid; the bias)."""
-        w = self.gate_weight(g)
+    def _plan(self, g: int) -> _GatePlan:
+        """How gate ``g`` reads its stage output (cached until the model moves): the weights as a
+        transposed ``(D, K)`` view of a ``(K, D)`` matrix, the layout MKL multiplies fastest - for
+        one average grid on an NCHW output in ``(s, s, C)`` order, to read a channels-last pooled
+        tensor without a copy, and in ``(C, s, s)`` order for a contiguous one; the bias as a
+        tensor, a NumPy array and a list, for the device and the two host paths."""
+        plan = self._plans.get(g)
+        if plan is not None:
+            return plan
+        w, bias = self.gate_weight(g), self.gate_bias(g)
         pooling = self.poolings[g]
+        size, w_t = 0, w.t()
         if self.layouts[g] == "nchw" and pooling.ops == ("avg",) and len(pooling.sizes) == 1:
             s = pooling.sizes[0]
             if w.shape[1] % (s * s) == 0:
-                w_nhwc = w.view(w.shape[0], -1, s, s).permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
-                return s, w_nhwc.t(), self.gate_bias(g)
-        return 0, w.t(), self.gate_bias(g)
+                size = s
+                w_t = w.view(w.shape[0], -1, s, s).permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous().t()
+        host = bias.detach().cpu()
+        plan = self._plans[g] = _GatePlan(size, w.shape[1], w_t, w.t(), bias, host.numpy(), host.tolist())
+        return plan
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> GatedOutput:
         """Run the gated network on a batch; samples leave at the first gate confident enough."""
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.score in _HOST_RULES and (x.device.type == "cpu" or x.shape[0] == 1):
+        if self.score in _HOST_SCORES and (x.device.type == "cpu" or x.shape[0] == 1):
             return self._forward_host(x)
         return self._forward_device(x)
 
     def _forward_host(self, x: torch.Tensor) -> GatedOutput:
         """Exit decisions on the host: each open gate's ``(N, K)`` outputs are viewed as a NumPy
-        array (a copy of ``N x K`` numbers on a GPU) and scored there, with the float32 rounding of
-        :func:`gate_scores`: a few microseconds, where the same decisions as tensor operations
-        cost ~10 us each on a CPU. Survivors are indexed out of the stage output as on a device."""
+        array and scored there, with the float32 rounding of :func:`gate_scores`; one sample's are
+        read as a Python list (on any device). Classes are found once, for everyone, at the end.
+
+        Every distinct operation here is paid for twice on a CPU: a stage's kernels push the
+        runtime's own code out of the caches, so a small op right after a stage costs 20-80 us
+        instead of 2-15, and the next stage starts cold in turn. Hence as few operations per
+        gate as the decision allows."""
         n = x.shape[0]
-        rule = _HOST_RULES[self.score]
+        score = _HOST_SCORES[self.score]
         alive = np.arange(n)
-        done: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (exit, rows, outputs, classes)
+        done: list[tuple[int, np.ndarray, np.ndarray]] = []  # (exit, rows, outputs)
         stages = list(self.stages)  # ModuleList[g] costs ~13 us a call on a small CPU: 10 of them ~2% of a ResNet-56
+        t32 = self._t32
         h = x
         for g in range(self.num_gates):
             h = stages[g](h)
-            t = self.thresholds[g]
+            t = t32[g]
             if t == math.inf:
                 continue
-            zt = self.gate_outputs(g, h)
-            if alive.size == 1:  # one sample: a Python list beats NumPy's per-call cost (~10 us cold)
-                s1, p1 = _LIST_RULES[self.score](zt.view(-1).tolist())
-                if s1 >= _f32(t):  # the threshold in float32, as a device compares it
-                    done.append((g, alive, zt.cpu().numpy(), np.array([p1])))
+            zt = self._gate_product(g, h)
+            bias = self._plans[g]
+            if alive.size == 1:  # one sample: a Python list beats NumPy's per-call cost
+                row = [v + b for v, b in zip(zt.tolist()[0], bias.bias_list, strict=True)]  # rounded to float32 later
+                if _LIST_SCORES[self.score](row) >= t:
+                    done.append((g, alive, np.array([row], dtype=np.float32)))  # rounded as a float32 add
                     return _assemble_host(n, done, x.device)
                 continue
-            z = zt.cpu().numpy()
-            leave, p = _host_decide(rule, z, t)
-            gone = np.flatnonzero(leave)
+            z = zt.numpy()  # more than one sample: we are on a CPU
+            z += bias.bias_np  # in place, in float32, as gate_outputs adds it
+            leave = score(z) >= t  # float32 scores against a float32 value: compared in float32
+            gone = leave.nonzero()[0]
             if gone.size == 0:
                 continue
             if gone.size == alive.size:
-                done.append((g, alive, z, p))
+                done.append((g, alive, z))
                 return _assemble_host(n, done, x.device)
-            stay = np.flatnonzero(~leave)
-            done.append((g, alive[gone], z[gone], p[gone]))
+            stay = (~leave).nonzero()[0]
+            done.append((g, alive[gone], z[gone]))
             alive = alive[stay]
-            h = h[torch.from_numpy(stay).to(h.device)]  # not index_select: that returns NCHW for channels-last
+            h = _rows(h, torch.from_numpy(stay))
         out = stages[-1](h).float()
         if not done:
             return GatedOutput(
                 out, out.argmax(1), torch.full((n,), self.num_gates, dtype=torch.long, device=out.device)
             )
-        zb = out.cpu().numpy()
-        done.append((self.num_gates, alive, zb, zb.argmax(1)))
+        done.append((self.num_gates, alive, out.cpu().numpy()))
         return _assemble_host(n, done, x.device)
 
     def _forward_device(self, x: torch.Tensor) -> GatedOutput:
@@ -398,12 +448,13 @@ class GatedModel(nn.Module):
 
     def _decide(self, g: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows that leave at gate ``g``, rows that stay, classes) for its outputs ``z``."""
-        if z.device.type == "cpu" and self.score in _HOST_RULES:
-            leave, p = _host_decide(_HOST_RULES[self.score], z.numpy(), self.thresholds[g])
+        if z.device.type == "cpu" and self.score in _HOST_SCORES:
+            zn = z.numpy()
+            leave = _HOST_SCORES[self.score](zn) >= self._t32[g]
             return (
-                torch.from_numpy(np.flatnonzero(leave)),
-                torch.from_numpy(np.flatnonzero(~leave)),
-                torch.from_numpy(p),
+                torch.from_numpy(leave.nonzero()[0]),
+                torch.from_numpy((~leave).nonzero()[0]),
+                torch.from_numpy(zn.argmax(1)),
             )
         s, pt = gate_scores(z, self.score)
         leave = s >= self.thresholds[g]
@@ -438,11 +489,10 @@ def _f32(v: float) -> float:
         return math.copysign(math.inf, v)
 
 
-def _host_decide(rule, z: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
-    """(leave mask, classes) for gate outputs ``z`` under threshold ``t``, compared in float32 as a
-    device compares a Python float with a float32 score."""
-    s, p = rule(z)
-    return s >= np.float32(_f32(t)), p
+def _rows(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows ``index`` of a stage output, in its memory format (``index_select`` returns a
+    channels-last input as NCHW, on which the next convolutions run ~2x slower)."""
+    return h[index]
 
 
 def _take(queue: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -467,68 +517,61 @@ def _take(queue: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch
     return h, torch.cat(ids)
 
 
-def _assemble_host(n: int, done: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], device) -> GatedOutput:
-    """:meth:`GatedModel._assemble` for host arrays; the result goes back to ``device``."""
+def _assemble_host(n: int, done: list[tuple[int, np.ndarray, np.ndarray]], device) -> GatedOutput:
+    """Put the per-exit results ``(exit, rows, outputs)`` back into input order, find the classes
+    (one ``argmax`` for all, as :func:`gate_scores` finds them) and move them to ``device``."""
     if len(done) == 1:  # everyone left at one gate: rows are in order
-        g, _, z, p = done[0]
+        g, _, z = done[0]
         exits = np.full(n, g, dtype=np.int64)
     else:
         rows = np.concatenate([d[1] for d in done])
         order = np.empty_like(rows)
         order[rows] = np.arange(n)  # position of input i among the concatenated rows
         z = np.concatenate([d[2] for d in done])[order]
-        p = np.concatenate([d[3] for d in done])[order]
         exits = np.repeat(np.array([d[0] for d in done], dtype=np.int64), [d[1].size for d in done])[order]
     return GatedOutput(
         torch.from_numpy(z).to(device),
-        torch.from_numpy(p.astype(np.int64, copy=False)).to(device),
+        torch.from_numpy(z.argmax(1).astype(np.int64, copy=False)).to(device),
         torch.from_numpy(exits).to(device),
     )
 
 
-def _np_max(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    p = z.argmax(1)
-    return z[np.arange(z.shape[0]), p], p
+def _np_max(z: np.ndarray) -> np.ndarray:
+    return z.max(1)  # NaN in a row gives NaN, as torch's max
 
 
-def _np_margin(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    p = z.argmax(1)
+def _np_margin(z: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):  # inf - inf and NaN give NaN, as in torch
         if z.shape[1] == 1:  # torch pads with -inf: z - (-inf)
-            return z[:, 0] + np.float32(np.inf), p
+            return z[:, 0] + np.float32(np.inf)
         top = np.partition(z, -2, axis=1)[:, -2:]  # (second largest, largest) per row; NaN sorts last
-        return top[:, 1] - top[:, 0], p
+        return top[:, 1] - top[:, 0]
 
 
-def _list_nan(row: list[float]) -> int:
-    """Index of the first NaN in ``row``, or -1 (torch's max and topk rank NaN above everything)."""
-    for i, v in enumerate(row):
-        if v != v:
-            return i
-    return -1
+def _list_nan(row: list[float]) -> bool:
+    """Whether ``row`` holds a NaN (Python's max skips one that is not first; torch's gives NaN)."""
+    total = sum(row)  # NaN for a NaN, or for inf and -inf together: then look
+    return total != total and any(v != v for v in row)
 
 
-def _list_max(row: list[float]) -> tuple[float, int]:
-    nan = _list_nan(row)
-    if nan >= 0:
-        return math.nan, nan
+def _list_max(row: list[float]) -> float:
+    """The max rule for one sample's outputs as Python floats (float32 values, or exact sums of
+    two: rounded here, once - rounding is monotonic)."""
+    return math.nan if _list_nan(row) else _f32(max(row))
+
+
+def _list_margin(row: list[float]) -> float:
+    """The margin rule, as :func:`_list_max`: the float32 difference of the two rounded largest."""
+    if _list_nan(row):
+        return math.nan
     best = max(row)
-    return best, row.index(best)
-
-
-def _list_margin(row: list[float]) -> tuple[float, int]:
-    nan = _list_nan(row)
-    if nan >= 0:
-        return math.nan, nan
-    best = max(row)
-    p = row.index(best)
     if len(row) == 1:
-        return best + math.inf, 0  # torch pads with -inf: NaN for -inf, else inf
-    second = max(row[:p] + row[p + 1 :])
-    return _f32(best - second), p
+        return _f32(best) + math.inf  # torch pads with -inf: NaN for -inf, else inf
+    p = row.index(best)
+    return _f32(_f32(best) - _f32(max(row[:p] + row[p + 1 :])))
 
 
-# exit rules the host computes exactly as gate_scores does on a device (float32 in, float32 out):
-# on NumPy arrays (N, K), and on one sample's K outputs as a Python list
-_HOST_RULES = {"max": _np_max, "margin": _np_margin}
-_LIST_RULES = {"max": _list_max, "margin": _list_margin}
+# exit scores the host computes exactly as gate_scores does on a device (float32 in, float32 out):
+# on NumPy arrays (N, K), and on one sample's K outputs as a Python list; the class is the argmax
+_HOST_SCORES = {"max": _np_max, "margin": _np_margin}
+_LIST_SCORES = {"max": _list_max, "margin": _list_margin}

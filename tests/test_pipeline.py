@@ -273,13 +273,13 @@ def test_samples_that_exit_skip_the_later_stages(pipe: Pipeline, val_images, cac
     assert bool((out.exit == 0).all())
 
     calls = []
-    original = GatedModel.gate_outputs
+    original = GatedModel._gate_product  # every path computes a gate through it
 
     def counting(self, g, h):
         calls.append(g)
         return original(self, g, h)
 
-    monkeypatch.setattr(GatedModel, "gate_outputs", counting)
+    monkeypatch.setattr(GatedModel, "_gate_product", counting)
     for s in seen:
         s.clear()
     model.set_thresholds([math.inf] * G)

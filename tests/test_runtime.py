@@ -16,7 +16,7 @@ from dgate_cli import _malloc
 from dgate_cli.bench import bench
 from dgate_cli.features import Pooling, pool
 from dgate_cli.gates import gate_scores
-from dgate_cli.runtime import _HOST_RULES, _LIST_RULES, GatedModel, _f32
+from dgate_cli.runtime import _HOST_SCORES, _LIST_SCORES, GatedModel, _f32
 
 TORCH_THREADS = 1  # see conftest._threads
 K = 5
@@ -68,7 +68,7 @@ def test_gate_outputs_equal_pooling_then_linear(pooling: Pooling, channels_last:
             got = model.gate_outputs(g, hh)
             assert got.shape == (6, K)
             torch.testing.assert_close(got, reference_outputs(model, g, hh), atol=1e-5, rtol=1e-5)
-    fast = [plan[0] for plan in model._plans.values()]
+    fast = [plan.size for plan in model._plans.values()]
     # the reordered-weights path is taken exactly for one average grid (either memory format)
     assert fast == ([pooling.sizes[0]] * 2 if pooling.ops == ("avg",) and len(pooling.sizes) == 1 else [0, 0])
 
@@ -89,12 +89,30 @@ def test_host_rules_are_gate_scores_bit_for_bit(score: str):
     z[50:100, 2] = torch.nextafter(z[50:100, 3], torch.tensor(math.inf))  # margins of one ulp
     z[100:110] = 0.0  # all tied
     s, p = gate_scores(z, score)
-    hs, hp = _HOST_RULES[score](z.numpy())
+    hs = _HOST_SCORES[score](z.numpy())
     assert hs.dtype == np.float32
-    assert torch.equal(torch.from_numpy(hs), s) and torch.equal(torch.from_numpy(hp), p)
+    assert torch.equal(torch.from_numpy(hs), s)
+    assert torch.equal(torch.from_numpy(z.numpy().argmax(1)), p)  # the host's classes: NumPy's argmax
     for i in range(z.shape[0]):  # one sample, as a Python list
-        ls, lp = _LIST_RULES[score](z[i].tolist())
-        assert ls == float(s[i]) and lp == int(p[i]), (i, z[i])
+        assert _LIST_SCORES[score](z[i].tolist()) == float(s[i]), (i, z[i])
+
+
+@pytest.mark.parametrize("score", ["max", "margin"])
+def test_one_sample_scored_from_unrounded_sums_as_from_float32_outputs(score: str):
+    # the single-sample path adds the bias to the product in double and rounds once in the rule:
+    # the same scores as the float32 outputs product + bias a device computes
+    torch.manual_seed(2)
+    product = torch.randn(3000, K) * torch.logspace(-4, 4, 3000)[:, None]
+    bias = torch.randn(K) * 3
+    bias[0] = 1e-3  # small next to large products: sums that round
+    product[:40, 1] = product[:40, 0] + bias[0] - bias[1]  # near ties after the bias
+    z = product + bias  # float32
+    s, p = gate_scores(z, score)
+    for i in range(z.shape[0]):
+        row = [v + b for v, b in zip(product[i].tolist(), bias.tolist(), strict=True)]
+        assert _LIST_SCORES[score](row) == float(s[i]), (i, row)
+        assert np.array(row, dtype=np.float32).tolist() == z[i].tolist()  # the logits the host returns
+        assert int(np.array(row, dtype=np.float32).argmax()) == int(p[i])
 
 
 @pytest.mark.parametrize("score", ["max", "margin"])
@@ -102,24 +120,24 @@ def test_nan_and_infinite_outputs_score_like_torch(score: str):
     nan, inf = math.nan, math.inf
     z = torch.tensor([[1.0, nan, 3.0], [nan, 2.0, nan], [-inf, -inf, -inf], [inf, inf, 1.0], [inf, 0.0, 1.0]])
     s, p = gate_scores(z, score)
-    hs, hp = _HOST_RULES[score](z.numpy())
+    hs = _HOST_SCORES[score](z.numpy())
     assert torch.allclose(torch.from_numpy(hs), s, equal_nan=True, atol=0, rtol=0)  # bit-equal, NaN = NaN
-    assert torch.equal(torch.from_numpy(hp), p)
+    assert torch.equal(torch.from_numpy(z.numpy().argmax(1)), p)
     for i in range(z.shape[0]):
-        ls, lp = _LIST_RULES[score](z[i].tolist())
-        assert (ls == float(s[i]) or (math.isnan(ls) and math.isnan(float(s[i])))) and lp == int(p[i]), (i, ls, lp)
+        ls = _LIST_SCORES[score](z[i].tolist())
+        assert ls == float(s[i]) or (math.isnan(ls) and math.isnan(float(s[i]))), (i, ls)
     one = torch.tensor([[-inf], [nan], [2.0]])  # K = 1: torch's margin is z - (-inf)
     s1, _ = gate_scores(one, "margin")
-    assert torch.allclose(torch.from_numpy(_HOST_RULES["margin"](one.numpy())[0]), s1, equal_nan=True, atol=0, rtol=0)
-    assert [_LIST_RULES["margin"](r)[0] for r in one.tolist()][2] == inf
-    assert all(math.isnan(_LIST_RULES["margin"](r)[0]) for r in one.tolist()[:2])
+    assert torch.allclose(torch.from_numpy(_HOST_SCORES["margin"](one.numpy())), s1, equal_nan=True, atol=0, rtol=0)
+    assert [_LIST_SCORES["margin"](r) for r in one.tolist()][2] == inf
+    assert all(math.isnan(_LIST_SCORES["margin"](r)) for r in one.tolist()[:2])
 
 
 def test_single_class_margin_is_infinite_on_both_paths():
     z = torch.tensor([[0.25], [-1.0]])
-    hs, hp = _HOST_RULES["margin"](z.numpy())
-    assert hs.tolist() == [math.inf, math.inf] and hp.tolist() == [0, 0]
-    assert _LIST_RULES["margin"]([0.25]) == (math.inf, 0)
+    hs = _HOST_SCORES["margin"](z.numpy())
+    assert hs.tolist() == [math.inf, math.inf] and z.numpy().argmax(1).tolist() == [0, 0]
+    assert _LIST_SCORES["margin"]([0.25]) == math.inf
     s, p = gate_scores(z, "margin")
     assert s.tolist() == [math.inf, math.inf] and p.tolist() == [0, 0]
 
