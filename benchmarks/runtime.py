@@ -8,8 +8,9 @@ Two models:
     (a realistic share; random weights are fine for timing), on CIFAR test images resized to 224.
 
 For each: batch sizes (default 1 and 32), speed-up vs the ideal one the MACs promise, and the
-overhead of gates that run but let nobody out (thresholds above every score; gates the
-calibration closed stay closed). ``--stream`` adds throughput-mode rows (batch sizes above 1).
+overhead of gates that run but let nobody out (``dgate bench --no-exits``: thresholds above every
+score; gates the calibration closed stay closed). ``--stream`` adds throughput-mode rows (batch
+sizes above 1).
 
     python benchmarks/runtime.py --r56 models/r56-gated models/r56-gated-ovh --stream --json
 """
@@ -120,13 +121,6 @@ def dgate_bench(
     return json.loads(out.stdout)
 
 
-def no_exits(model_dir: Path) -> list[str]:
-    """``dgate bench`` arguments for thresholds above every score: every open gate runs, nobody
-    leaves (gates the calibration closed stay closed)."""
-    thresholds = json.loads((model_dir / "dgate.json").read_text())["thresholds"]
-    return ["--thresholds", ",".join("inf" if t in ("inf", math.inf) else "1e30" for t in thresholds)]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -148,7 +142,7 @@ def main() -> None:
     rows = []
     for r56 in a.r56:
         name = f"resnet56 {r56.name}"
-        runs = [(name, ["--stream"] if a.stream else [], None), (f"{name} no exits", no_exits(r56), None)]
+        runs = [(name, ["--no-exits", *(["--stream"] if a.stream else [])], None)]
         if a.malloc_system:
             runs.append((f"{name}, malloc system", [], {"DGATE_MALLOC": "system"}))
         for label, extra, env in runs:
@@ -157,12 +151,9 @@ def main() -> None:
     if not a.skip_r50:
         with tempfile.TemporaryDirectory() as tmp:
             d = make_resnet50_export(Path(tmp) / "r50", a.data, a.r50_images)
-            for label, extra in (
-                ("resnet50 30/20/20% exits", ["--stream"] if a.stream else []),
-                ("resnet50 no exits", no_exits(d)),
-            ):
-                for r in dgate_bench(d, a.data, a.batch_size, a.r50_images, a.repeats, extra):
-                    rows.append(_row(label, r))
+            extra = ["--no-exits", *(["--stream"] if a.stream else [])]
+            for r in dgate_bench(d, a.data, a.batch_size, a.r50_images, a.repeats, extra):
+                rows.append(_row("resnet50 30/20/20% exits", r))
     emit(rows, a.json, title=f"dgate bench (CPU): {rows[0]['device'] if rows else ''}")
 
 

@@ -22,6 +22,7 @@ from ._malloc import malloc_state
 from .runtime import GatedModel, GatedOutput
 
 ProgressFn = Callable[[str, int, int], None]
+_NEVER = float(torch.finfo(torch.float32).max)  # a threshold no finite float32 score passes
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,11 @@ class BenchRow:
         speedup: backbone time / gated time, over all timed batches.
         ideal_speedup: backbone MACs / gated mean MACs on these images (gates included).
         efficiency: speedup / ideal_speedup.
-        mode: ``batch`` (each batch on its own, as :meth:`GatedModel.forward` runs it) or
+        mode: ``batch`` (each batch on its own, as :meth:`GatedModel.forward` runs it),
             ``stream`` (:meth:`GatedModel.stream`: survivors of several batches share a stage
-            batch; latencies are then mean and worst time per input batch over the passes).
+            batch; latencies are then mean and worst time per input batch over the passes) or
+            ``no-exit`` (batch mode with every open gate computed and nobody leaving: the gates'
+            overhead, a speed-up below 1).
     """
 
     batch_size: int
@@ -88,6 +91,7 @@ def bench(
     min_batches: int = 5,
     progress: ProgressFn | None = None,
     stream: bool = False,
+    no_exits: bool = False,
 ) -> BenchResult:
     """Time ``model`` and its backbone on normalised ``images`` (already on the model's device).
 
@@ -103,6 +107,9 @@ def bench(
         stream: also time throughput mode (:meth:`GatedModel.stream`) per batch size above 1
             (at 1 it is the batch mode): one more row each, ``mode="stream"``, whole passes over
             the batches interleaved with the backbone's.
+        no_exits: also time each batch size with every open gate computed but none letting a
+            sample out (thresholds above any score): the worst case, what the gates cost when
+            nothing is easy. One more row each, ``mode="no-exit"``.
 
     Example:
         >>> r = bench(load("models/r56-gated"), x, y, batch_sizes=[1, 32])  # doctest: +SKIP
@@ -118,39 +125,67 @@ def bench(
         nb = max(min_batches, n // b)
         starts = [(i * b) % max(1, n - b + 1) for i in range(nb)] if n >= b else [0] * nb
         batches = [images[s : s + b] if n >= b else images.repeat(math.ceil(b / n), 1, 1, 1)[:b] for s in starts]
-        with torch.inference_mode():
-            for _ in range(warmup):  # every survivor batch size the timed run meets is then warm
-                for xb in batches:
-                    model(xb)
-                    model.backbone_forward(xb)
-            sync(device)
-            t_bb: list[float] = []
-            t_g: list[float] = []
-            exits = []
-            timed = batches * max(1, repeats)
-            for i, x in enumerate(timed):
-                order = ("g", "b") if i % 2 == 0 else ("b", "g")
-                for which in order:
-                    sync(device)
-                    t0 = time.perf_counter()
-                    if which == "g":
-                        out = model(x)
-                    else:
-                        model.backbone_forward(x)
-                    sync(device)
-                    (t_g if which == "g" else t_bb).append(time.perf_counter() - t0)
-                if i < nb:
-                    exits.append(out.exit.cpu())
-                if progress:
-                    progress(f"batch size {b}", i + 1, len(timed))
+        t_bb, t_g, exits = _time_batches(model, batches, warmup, repeats, f"batch size {b}", progress)
         acc = bb_acc = None
         if labels is not None:
             acc, bb_acc = _accuracy(model, images, labels, b)
-        lat = (statistics.median(t_bb), statistics.median(t_g), _pct(t_bb, 0.95), _pct(t_g, 0.95))
-        result.rows.append(_row(model, b, len(timed), len(timed) * b, t_bb, t_g, lat, torch.cat(exits), acc, bb_acc))
+        result.rows.append(_row(model, b, len(t_g), len(t_g) * b, t_bb, t_g, _latencies(t_bb, t_g), exits, acc, bb_acc))
         if stream and b > 1:  # a pass over every image once, as offline scoring would
             result.rows.append(_stream_row(model, list(images.split(b)), labels, bb_acc, b, warmup, repeats, progress))
+        if no_exits:
+            kept = list(model.thresholds)
+            try:
+                model.set_thresholds([t if t == math.inf else _NEVER for t in kept])
+                t_bb, t_g, exits = _time_batches(model, batches, warmup, repeats, f"batch size {b}, no exits", progress)
+            finally:
+                model.set_thresholds(kept)
+            lat = _latencies(t_bb, t_g)
+            result.rows.append(_row(model, b, len(t_g), len(t_g) * b, t_bb, t_g, lat, exits, bb_acc, bb_acc, "no-exit"))
     return result
+
+
+def _time_batches(
+    model: GatedModel,
+    batches: list[torch.Tensor],
+    warmup: int,
+    repeats: int,
+    label: str,
+    progress: ProgressFn | None,
+) -> tuple[list[float], list[float], torch.Tensor]:
+    """Backbone and gated times (seconds) per batch over ``repeats`` passes, interleaved batch by
+    batch (which goes first alternates), and the exit of every image of the first pass."""
+    device = batches[0].device
+    t_bb: list[float] = []
+    t_g: list[float] = []
+    exits = []
+    with torch.inference_mode():
+        for _ in range(warmup):  # every survivor batch size the timed run meets is then warm
+            for xb in batches:
+                model(xb)
+                model.backbone_forward(xb)
+        sync(device)
+        timed = batches * max(1, repeats)
+        for i, x in enumerate(timed):
+            order = ("g", "b") if i % 2 == 0 else ("b", "g")
+            for which in order:
+                sync(device)
+                t0 = time.perf_counter()
+                if which == "g":
+                    out = model(x)
+                else:
+                    model.backbone_forward(x)
+                sync(device)
+                (t_g if which == "g" else t_bb).append(time.perf_counter() - t0)
+            if i < len(batches):
+                exits.append(out.exit.cpu())
+            if progress:
+                progress(label, i + 1, len(timed))
+    return t_bb, t_g, torch.cat(exits)
+
+
+def _latencies(t_bb: list[float], t_g: list[float]) -> tuple[float, float, float, float]:
+    """Median and p95 per batch: backbone, gated, backbone p95, gated p95."""
+    return statistics.median(t_bb), statistics.median(t_g), _pct(t_bb, 0.95), _pct(t_g, 0.95)
 
 
 def _stream_row(

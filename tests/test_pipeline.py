@@ -550,5 +550,9 @@ def test_bench_command_reports_json_for_each_batch_size(pipe: Pipeline):
     assert stream_row["accuracy"] == pytest.approx(batch_row["accuracy"], abs=2 / 80)  # up to float rounding
     table = CliRunner(env={"COLUMNS": "200"}).invoke(app, [*args, "--batch-size", "16", "--images", "48", "--stream"])
     assert table.exit_code == 0 and "16 stream" in table.stdout and "throughput mode" in table.stdout
+    worst = CliRunner(env={"COLUMNS": "200"}).invoke(app, [*args, "--batch-size", "16", "--images", "32", "--no-exits"])
+    assert worst.exit_code == 0, (worst.stderr, worst.exception)
+    assert "16 no-exit" in worst.stdout and "no exits at batch 16: gated" in worst.stdout
+    assert "% time against the backbone" in worst.stdout
     bad = CliRunner().invoke(app, [*args, "--batch-size", "1,x"])
     assert bad.exit_code == 2 and "--batch-size must be comma-separated integers" in bad.stderr

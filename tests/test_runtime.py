@@ -370,6 +370,15 @@ def test_bench_times_both_and_reports_what_it_saw():
     assert st.exit_fractions == pytest.approx(fractions, abs=1e-12)  # the same decisions as forward
     assert st.accuracy == r.rows[1].accuracy and st.backbone_accuracy == r.rows[1].backbone_accuracy
     assert st.ideal_speedup == pytest.approx(210.0 / mean_cost) and st.speedup > 0
+    kept = list(model.thresholds)
+    rn = bench(model, x, y, batch_sizes=[8], repeats=2, min_batches=2, no_exits=True)
+    assert [row.mode for row in rn.rows] == ["batch", "no-exit"]
+    ne = rn.rows[1]
+    assert model.thresholds == kept  # put back after the no-exit timing
+    assert ne.exit_fractions == [0.0, 0.0, 1.0]  # the open gate ran and let nobody out
+    assert ne.flops_ratio == pytest.approx((210.0 + model.gate_costs[0]) / 210.0)  # the backbone plus the open gate
+    assert ne.accuracy == ne.backbone_accuracy == rn.rows[0].backbone_accuracy
+    assert ne.batches == 6 and ne.speedup > 0
     listed = r.to_list()
     keys = {"batch_size", "backbone_ms", "gated_ms", "speedup", "ideal_speedup", "flops_ratio", "accuracy"}
     assert keys | {"backbone_accuracy", "device", "machine", "torch"} <= listed[0].keys()

@@ -47,6 +47,13 @@ def bench_command(
             help="Also time throughput mode (GatedModel.stream): survivors of several batches are pooled so every stage runs full batches.",
         ),
     ] = False,
+    no_exits: Annotated[
+        bool,
+        typer.Option(
+            "--no-exits",
+            help="Also time the worst case: every open gate computed, no sample let out (what the gates cost when nothing is easy).",
+        ),
+    ] = False,
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (default: torch's choice).", min=1, show_default=False)
     ] = None,
@@ -58,8 +65,10 @@ def bench_command(
     batch, images/s, exit fractions, the measured speed-up and the ideal one the FLOPs promise.
     --stream adds a throughput-mode row per batch size (offline scoring: the later stages run
     full batches gathered from several input batches, instead of each batch's dwindling rest).
+    --no-exits adds a row per batch size with the open gates computed but nobody leaving: its
+    speed-up below 1 is the gates' overhead.
 
-    Example: dgate bench models/r56-gated --data cifar10-jpeg/test --batch-size 1,32 --stream
+    Example: dgate bench models/r56-gated --data cifar10-jpeg/test --batch-size 1,32 --stream --no-exits
     """
     try:
         sizes = [int(s) for s in batch_size.split(",") if s.strip()]
@@ -87,7 +96,7 @@ def bench_command(
     x = pre.normalize(torch.cat(xs).to(dev))
     y = torch.cat(ys)
     with progress(enabled=not json, unit="batches") as bar:
-        result = bench(model, x, y, batch_sizes=sizes, repeats=repeats, progress=bar, stream=stream)
+        result = bench(model, x, y, batch_sizes=sizes, repeats=repeats, progress=bar, stream=stream, no_exits=no_exits)
     if json:
         print_json(result.to_list())
         return
@@ -96,7 +105,7 @@ def bench_command(
         table.add_column(col, justify="right")
     for r in result.rows:
         table.add_row(
-            str(r.batch_size) + (" stream" if r.mode == "stream" else ""),
+            str(r.batch_size) + ("" if r.mode == "batch" else f" {r.mode}"),
             f"{r.backbone_ms:.2f} ({r.backbone_p95_ms:.2f})",
             f"{r.gated_ms:.2f} ({r.gated_p95_ms:.2f})",
             f"[bold]{r.speedup:.2f}x[/]",
@@ -109,5 +118,10 @@ def bench_command(
     out.print("ms: median (p95) per batch; exits: " + " / ".join(result.exit_names) + "; accuracy: gated (backbone)")
     if any(r.mode == "stream" for r in result.rows):
         out.print("stream rows: whole passes in throughput mode; ms: mean (worst pass) per input batch")
+    for r in result.rows:
+        if r.mode == "no-exit":
+            out.print(
+                f"no exits at batch {r.batch_size}: gated {100 * (1 / r.speedup - 1):+.1f}% time against the backbone"
+            )
     out.print(f"machine: {result.machine}")
     out.print(f"device: {result.device}; thresholds: {', '.join(f'{t:.4g}' for t in result.thresholds)}")
