@@ -108,8 +108,10 @@ def bench(
             (at 1 it is the batch mode): one more row each, ``mode="stream"``, whole passes over
             the batches interleaved with the backbone's.
         no_exits: also time each batch size with every open gate computed but none letting a
-            sample out (thresholds above any score): the worst case, what the gates cost when
-            nothing is easy. One more row each, ``mode="no-exit"``.
+            sample out (thresholds at float32's largest number: only a score of +inf passes, as
+            the margin rule gives with one class): the worst case, what the gates cost when
+            nothing is easy. One more row each, ``mode="no-exit"``, with the exits and the
+            accuracy measured as in the batch row.
 
     Example:
         >>> r = bench(load("models/r56-gated"), x, y, batch_sizes=[1, 32])  # doctest: +SKIP
@@ -134,13 +136,16 @@ def bench(
             result.rows.append(_stream_row(model, list(images.split(b)), labels, bb_acc, b, warmup, repeats, progress))
         if no_exits:
             kept = list(model.thresholds)
+            acc = None
             try:
                 model.set_thresholds([t if t == math.inf else _NEVER for t in kept])
                 t_bb, t_g, exits = _time_batches(model, batches, warmup, repeats, f"batch size {b}, no exits", progress)
+                if labels is not None:  # the backbone's, unless a score of +inf got out
+                    acc = _accuracy(model, images, labels, b, backbone=False)[0]
             finally:
                 model.set_thresholds(kept)
             lat = _latencies(t_bb, t_g)
-            result.rows.append(_row(model, b, len(t_g), len(t_g) * b, t_bb, t_g, lat, exits, bb_acc, bb_acc, "no-exit"))
+            result.rows.append(_row(model, b, len(t_g), len(t_g) * b, t_bb, t_g, lat, exits, acc, bb_acc, "no-exit"))
     return result
 
 
@@ -278,16 +283,20 @@ def _row(
     )
 
 
-def _accuracy(model: GatedModel, images: torch.Tensor, labels: torch.Tensor, b: int) -> tuple[float, float]:
+def _accuracy(
+    model: GatedModel, images: torch.Tensor, labels: torch.Tensor, b: int, backbone: bool = True
+) -> tuple[float, float | None]:
+    """Gated and (unless ``backbone`` is False) backbone accuracy on ``images``."""
     correct = correct_bb = 0
     with torch.inference_mode():
         for s in range(0, images.shape[0], max(b, 64)):
             x = images[s : s + max(b, 64)]
             y = labels[s : s + max(b, 64)].to(x.device)
             correct += int((model(x).pred == y).sum())
-            correct_bb += int((model.backbone_forward(x).argmax(1) == y).sum())
+            if backbone:
+                correct_bb += int((model.backbone_forward(x).argmax(1) == y).sum())
     n = images.shape[0]
-    return correct / n, correct_bb / n
+    return correct / n, (correct_bb / n if backbone else None)
 
 
 def _machine(device: torch.device) -> str:

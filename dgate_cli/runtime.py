@@ -6,12 +6,13 @@ format), so no later stage runs for them; the results are put back in input orde
 Closed gates (threshold ``inf``) are skipped entirely, at no cost.
 
 A gate is one pooling and one small matrix product. For one average grid the pooled tensor is read
-in channels-last order (no copy) against the gate's weights reordered once to match. On a CPU (and
-for a single sample on any device) the exit decision is made on the host, on a NumPy view of the
-gate's ``(N, K)`` outputs, with the float32 rounding of :func:`gate_scores`: a handful of
-microseconds where the same decision as tensor operations costs about a tenth of a millisecond
-per gate on a small CPU. On a GPU the decision stays on the device, with one host synchronisation
-per open gate to learn how many samples remain.
+in its memory order (no copy) against the gate's weights, kept in both orders. On a CPU the exit
+decision is made on the host: on a NumPy view of the gate's ``(N, K)`` products for a batch, on a
+Python list for a single sample (on any device), with the bias added there and the float32 rounding
+of :func:`gate_scores`, so that both paths give the same bits. Few operations per gate is the point:
+right after a stage every small operation costs 10-40 us on a CPU (the stage has evicted the
+caches), whatever its size. On a GPU the decision stays on the device, with one host
+synchronisation per open gate to learn how many samples remain.
 
 :meth:`GatedModel.stream` is the throughput mode: survivors wait in a queue per stage until a full
 batch of them (from several input batches) is there, so the deep stages do not run on remnants.
@@ -33,7 +34,8 @@ from .features import Pooling, pool
 from .gates import gate_scores
 from .thresholds import OperatingPoint, decode_threshold
 
-# the pooling op without F.adaptive_avg_pool2d's Python argument handling (~15 us a call, cold)
+# the pooling op without F.adaptive_avg_pool2d's Python argument handling (~15 us a call, cold);
+# it also skips __torch_function__ overrides (tensor subclasses), which stage outputs do not use
 _adaptive_avg_pool2d = getattr(torch._C._nn, "adaptive_avg_pool2d", F.adaptive_avg_pool2d)
 
 
@@ -140,6 +142,10 @@ class GatedModel(nn.Module):
         self._plans = {}
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):  # new gate weights: the plans hold copies of the old
+        self._plans = {}
+        super()._load_from_state_dict(*args, **kwargs)
+
     @property
     def num_gates(self) -> int:
         return len(self.layouts)
@@ -167,8 +173,9 @@ class GatedModel(nn.Module):
 
     @property
     def thresholds(self) -> list[float]:
-        """Per gate, the threshold its exit score must reach (``inf``: closed)."""
-        return self._thresholds
+        """Per gate, the threshold its exit score must reach (``inf``: closed). A copy: change
+        them with :meth:`set_thresholds` (or by assigning a whole list)."""
+        return list(self._thresholds)
 
     @thresholds.setter
     def thresholds(self, values: Sequence[float]) -> None:
@@ -222,7 +229,7 @@ class GatedModel(nn.Module):
             raise ValueError("this model carries no cost table")
         spent, out = 0.0, []
         for g in range(self.num_gates):
-            if self.thresholds[g] < math.inf:
+            if self._thresholds[g] < math.inf:
                 spent += self.gate_costs[g]
             out.append(self.reach_costs[g] + spent)
         out.append(self.reach_costs[-1] + spent)
@@ -247,7 +254,7 @@ class GatedModel(nn.Module):
                 f = f.float()
             if f.is_contiguous():  # NCHW (or a 1x1 grid): features in (C, s, s) order
                 return torch.mm(f.view(n, -1), plan.weight_chw)
-            if f.is_contiguous(memory_format=torch.channels_last):  # (s, s, C) in memory: no copy
+            if f.is_contiguous(memory_format=torch.channels_last) and f.numel() == n * plan.dim:  # (s, s, C): no copy
                 return torch.mm(f.as_strided((n, plan.dim), (plan.dim, 1)), plan.weight_t)
             return torch.mm(f.permute(0, 2, 3, 1).reshape(n, -1), plan.weight_t)
         f = pool(h, self.poolings[g], self.layouts[g])
@@ -299,23 +306,23 @@ class GatedModel(nn.Module):
         alive = np.arange(n)
         done: list[tuple[int, np.ndarray, np.ndarray]] = []  # (exit, rows, outputs)
         stages = list(self.stages)  # ModuleList[g] costs ~13 us a call on a small CPU: 10 of them ~2% of a ResNet-56
-        t32 = self._t32
+        thresholds, t32 = self._thresholds, self._t32
         h = x
         for g in range(self.num_gates):
             h = stages[g](h)
-            t = t32[g]
-            if t == math.inf:
+            if thresholds[g] == math.inf:  # closed (a finite threshold above float32's range stays open)
                 continue
+            t = t32[g]
             zt = self._gate_product(g, h)
-            bias = self._plans[g]
+            plan = self._plans[g]
             if alive.size == 1:  # one sample: a Python list beats NumPy's per-call cost
-                row = [v + b for v, b in zip(zt.tolist()[0], bias.bias_list, strict=True)]  # rounded to float32 later
+                row = [v + b for v, b in zip(zt.tolist()[0], plan.bias_list, strict=True)]  # rounded to float32 later
                 if _LIST_SCORES[self.score](row) >= t:
                     done.append((g, alive, np.array([row], dtype=np.float32)))  # rounded as a float32 add
                     return _assemble_host(n, done, x.device)
                 continue
             z = zt.numpy()  # more than one sample: we are on a CPU
-            z += bias.bias_np  # in place, in float32, as gate_outputs adds it
+            z += plan.bias_np  # in place, in float32, as gate_outputs adds it
             leave = score(z) >= t  # float32 scores against a float32 value: compared in float32
             gone = leave.nonzero()[0]
             if gone.size == 0:
@@ -346,7 +353,7 @@ class GatedModel(nn.Module):
         h = x
         for g in range(self.num_gates):
             h = stages[g](h)
-            t = self.thresholds[g]
+            t = self._thresholds[g]
             if t == math.inf:
                 continue
             z = self.gate_outputs(g, h)
@@ -435,7 +442,7 @@ class GatedModel(nn.Module):
                     out = h.float()
                     yield index, GatedOutput(out, out.argmax(1), torch.full_like(index, last))
                     continue
-                if self.thresholds[g] < math.inf:
+                if self._thresholds[g] < math.inf:
                     z = self.gate_outputs(g, h)
                     gone, stay, p = self._decide(g, z)
                     if gone.numel():
@@ -457,7 +464,7 @@ class GatedModel(nn.Module):
                 torch.from_numpy(zn.argmax(1)),
             )
         s, pt = gate_scores(z, self.score)
-        leave = s >= self.thresholds[g]
+        leave = s >= self._thresholds[g]
         return torch.nonzero(leave).squeeze(1), torch.nonzero(~leave).squeeze(1), pt
 
     @torch.inference_mode()
@@ -470,7 +477,7 @@ class GatedModel(nn.Module):
         return x.float()
 
     def extra_repr(self) -> str:
-        gates = ", ".join(f"{n}@{t:.4g}" for n, t in zip(self.gate_names, self.thresholds, strict=True))
+        gates = ", ".join(f"{n}@{t:.4g}" for n, t in zip(self.gate_names, self._thresholds, strict=True))
         pools = ", ".join(map(str, self.poolings))
         return f"gates=[{gates}], score={self.score}, pooling=[{pools}]"
 

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from dgate_cli import _malloc
+from dgate_cli import bench as bench_module
 from dgate_cli.bench import bench
 from dgate_cli.features import Pooling, pool
 from dgate_cli.gates import gate_scores
-from dgate_cli.runtime import _HOST_SCORES, _LIST_SCORES, GatedModel, _f32
+from dgate_cli.runtime import _HOST_SCORES, _LIST_SCORES, GatedModel, GatedOutput, _f32
 
 TORCH_THREADS = 1  # see conftest._threads
 K = 5
@@ -232,6 +233,32 @@ def test_host_decisions_equal_the_device_path(score: str):
     exits, classes and outputs, run here side by side on the CPU."""
     model = make_model(Pooling((2,)), score=score, seed=3)
     x = torch.randn(48, 3, 16, 16)
+    last = assert_host_equals_device(model, x, score)
+    assert int((last.exit == 2).sum()) == 1  # the last case: the lone survivor went on to the head
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("pooling", [Pooling((1,)), Pooling((4,)), Pooling((2,), ("avg", "max"))], ids=str)
+def test_host_equals_device_for_every_gate_layout(pooling: Pooling, channels_last: bool):
+    # NCHW pooled tensors use the (C, s, s) weights, channels-last ones the (s, s, C) weights,
+    # other poolings the features' own order: bit for bit the same outputs either way
+    model = make_model(pooling, channels_last=channels_last, seed=4)
+    x = torch.randn(48, 3, 16, 16)
+    assert_host_equals_device(model, x, "margin")
+    s0, s1 = scores_at_gates(model, x, "margin")
+    model.set_thresholds([midway(s0, 0.6), midway(s1, 0.5)])
+    for i in range(0, 48, 7):  # one sample: decided from a Python list with the bias added there
+        one = x[i : i + 1]
+        host = model(one)
+        with torch.inference_mode():
+            dev = model._forward_device(one.contiguous(memory_format=torch.channels_last) if channels_last else one)
+        assert torch.equal(host.logits, dev.logits) and torch.equal(host.exit, dev.exit), i
+        assert torch.equal(host.pred, dev.pred), i
+
+
+def assert_host_equals_device(model: GatedModel, x: torch.Tensor, score: str) -> GatedOutput:
+    """Host and device paths agree bit for bit over thresholds from every sample's exit to none;
+    returns the host's output for the last (one survivor after gate 0, none after gate 1)."""
     s0, s1 = scores_at_gates(model, x, score)
     # (1/47, q1): one survivor after gate 0, decided from a Python list at gate 1
     for q0, q1 in [(0.3, 0.5), (0.0, 0.9), (1.0, 0.2), (0.7, 1.0), (1 / 47, 0.0), (1 / 47, 1.0)]:
@@ -239,11 +266,39 @@ def test_host_decisions_equal_the_device_path(score: str):
         model.set_thresholds(t)
         host = model(x)
         with torch.inference_mode():
-            dev = model._forward_device(x.contiguous(memory_format=torch.channels_last))
+            dev = model._forward_device(x.contiguous(memory_format=torch.channels_last) if model.channels_last else x)
         assert torch.equal(host.exit, dev.exit) and torch.equal(host.pred, dev.pred), (q0, q1)
         assert torch.equal(host.logits, dev.logits)
         assert host.exit.dtype == host.pred.dtype == torch.long and host.logits.dtype == torch.float32
-    assert int((host.exit == 2).sum()) == 1  # the last case: the lone survivor went on to the head
+    return host
+
+
+def test_a_threshold_beyond_float32_keeps_the_gate_open_and_new_weights_are_used():
+    model = make_model(Pooling((2,)))
+    x = torch.randn(12, 3, 16, 16)
+    model(x)  # gate plans cached
+    model.set_thresholds([0.0, math.inf])
+    model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["gate0_bias"][0] = math.inf  # class 0 at +inf: a margin of +inf for every sample
+    model.load_state_dict(state)  # must drop the cached plans (they hold copies of the bias)
+    model.set_thresholds([1e39, math.inf])  # above float32's range, but open: only +inf passes
+    host = model(x)
+    with torch.inference_mode():
+        dev = model._forward_device(x.contiguous(memory_format=torch.channels_last))
+    assert host.exit.tolist() == dev.exit.tolist() == [0] * 12
+    assert host.pred.tolist() == dev.pred.tolist() == [0] * 12
+    assert model(x[:1]).exit.tolist() == [0]  # one sample, from a Python list
+    assert model.exit_costs()[0] == 101.0  # the open gate is charged
+
+
+def test_thresholds_are_a_copy_and_assigning_a_list_rounds_it_again():
+    model = make_model(Pooling((2,)))
+    model.set_thresholds([0.1, math.inf])
+    model.thresholds[0] = 5.0  # a copy: no effect on the model
+    assert model.thresholds == [0.1, math.inf] and model._t32[0] == _f32(0.1)
+    model.thresholds = [0.2, 0.3]
+    assert model._t32 == [_f32(0.2), _f32(0.3)]
 
 
 def test_compaction_keeps_the_channels_last_memory_format():
@@ -379,6 +434,23 @@ def test_bench_times_both_and_reports_what_it_saw():
     assert ne.flops_ratio == pytest.approx((210.0 + model.gate_costs[0]) / 210.0)  # the backbone plus the open gate
     assert ne.accuracy == ne.backbone_accuracy == rn.rows[0].backbone_accuracy
     assert ne.batches == 6 and ne.speedup > 0
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(list(model.thresholds))
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return real(*args, **kwargs)
+
+    real = bench_module._time_batches
+    bench_module._time_batches = failing
+    try:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            bench(model, x, y, batch_sizes=[8], repeats=1, min_batches=2, no_exits=True)
+    finally:
+        bench_module._time_batches = real
+    assert calls[1][0] == float(torch.finfo(torch.float32).max) and calls[1][1] == math.inf  # open gate never passes
+    assert model.thresholds == kept  # put back although the timing failed
     listed = r.to_list()
     keys = {"batch_size", "backbone_ms", "gated_ms", "speedup", "ideal_speedup", "flops_ratio", "accuracy"}
     assert keys | {"backbone_accuracy", "device", "machine", "torch"} <= listed[0].keys()
