@@ -138,9 +138,18 @@ class GatedModel(nn.Module):
         self.set_thresholds(thresholds)
         self.eval()
 
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the cached gate plans hold old tensors
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()``: drop the cached gate plans (they hold the old tensors)
+        and keep the gates in float32 on the new device - their scores are float32 by design, and
+        ``model.half()`` (or bfloat16) then runs the stages in half precision with the gates exact."""
         self._plans = {}
-        return super()._apply(fn, recurse)
+        gates = {k: v for k, v in self._buffers.items() if k.startswith("gate") and v is not None}
+        out = super()._apply(fn, recurse)
+        for k, before in gates.items():
+            after = self._buffers[k]
+            if after is not None and after.dtype != torch.float32:
+                self._buffers[k] = before.to(device=after.device)
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs):  # new gate weights: the plans hold copies of the old
         self._plans = {}

@@ -82,6 +82,28 @@ def test_half_precision_stage_outputs_are_scored_in_float32():
     torch.testing.assert_close(got, reference_outputs(model, 0, h.half()), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_keeps_float32_gates(dtype: torch.dtype):
+    model = make_model(Pooling((4,)))
+    weight = model.gate_weight(0).clone()
+    x = torch.randn(16, 3, 16, 16)
+    s0, _ = scores_at_gates(model, x, "margin")
+    model.set_thresholds([midway(s0, 0.5), math.inf])
+    model.to(dtype)
+    assert model.stages[0][0].weight.dtype == dtype
+    assert model.gate_weight(0).dtype == torch.float32 and torch.equal(model.gate_weight(0), weight)  # not rounded
+    out = model(x.to(dtype))
+    assert out.logits.dtype == torch.float32 and out.exit.dtype == torch.long
+    with torch.inference_mode():
+        h = model.stages[0](x.to(dtype).contiguous(memory_format=torch.channels_last))
+        z = model.gate_outputs(0, h)
+    torch.testing.assert_close(z, reference_outputs(model, 0, h), atol=1e-5, rtol=1e-5)  # float32 weights, half h
+    s, _ = gate_scores(z, "margin")
+    assert torch.equal(out.exit == 0, s >= model.thresholds[0])  # the exits are these scores' decisions
+    model.float()
+    assert model.stages[0][0].weight.dtype == torch.float32 and torch.equal(model.gate_weight(0), weight)
+
+
 @pytest.mark.parametrize("score", ["max", "margin"])
 def test_host_rules_are_gate_scores_bit_for_bit(score: str):
     torch.manual_seed(1)
