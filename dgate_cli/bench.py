@@ -1,9 +1,10 @@
 """``dgate bench``: measured speed of a gated model against its own backbone, on the same images.
 
-Both run on the same pre-loaded, normalised batches, interleaved batch by batch (gated and backbone
-alternate, and which goes first alternates too), after warm-up, with device synchronisation around
-every timed call. The ideal speed-up is what the FLOPs promise: backbone MACs / gated mean MACs on
-the images seen (gates included).
+Both run on the same pre-loaded, normalised batches, both called as modules (the backbone is
+:meth:`GatedModel.backbone`: the same stages chained, no gates), interleaved batch by batch (gated
+and backbone alternate, and which goes first alternates too), after warm-up, with device
+synchronisation around every timed call. The ideal speed-up is what the FLOPs promise: backbone
+MACs / gated mean MACs on the images seen (gates included).
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def _time_batches(
     """Backbone and gated times (seconds) per batch over ``repeats`` passes, interleaved batch by
     batch (which goes first alternates), and the exit of every image of the first pass."""
     device = batches[0].device
+    backbone = model.backbone()  # a module, called as the gated model is
     t_bb: list[float] = []
     t_g: list[float] = []
     exits = []
@@ -167,7 +169,7 @@ def _time_batches(
         for _ in range(warmup):  # every survivor batch size the timed run meets is then warm
             for xb in batches:
                 model(xb)
-                model.backbone_forward(xb)
+                backbone(xb)
         sync(device)
         timed = batches * max(1, repeats)
         for i, x in enumerate(timed):
@@ -178,7 +180,7 @@ def _time_batches(
                 if which == "g":
                     out = model(x)
                 else:
-                    model.backbone_forward(x)
+                    backbone(x)
                 sync(device)
                 (t_g if which == "g" else t_bb).append(time.perf_counter() - t0)
             if i < len(batches):
@@ -212,9 +214,11 @@ def _stream_row(
     def gated() -> None:
         results[:] = [list(model.stream(batches, batch_size=b))]  # bookkeeping after the clock stops
 
+    module = model.backbone()
+
     def backbone() -> None:
         for x in batches:
-            model.backbone_forward(x)
+            module(x)
 
     t_g: list[float] = []
     t_bb: list[float] = []

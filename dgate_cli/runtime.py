@@ -292,9 +292,11 @@ class GatedModel(nn.Module):
         plan = self._plans[g] = _GatePlan(size, w.shape[1], w_t, w.t(), bias, host.numpy(), host.tolist())
         return plan
 
-    @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> GatedOutput:
         """Run the gated network on a batch; samples leave at the first gate confident enough."""
+        if not torch.is_inference_mode_enabled():  # (a decorator would enter it on every call: ~50 us cold)
+            with torch.inference_mode():
+                return self.forward(x)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.score in _HOST_SCORES and (x.device.type == "cpu" or x.shape[0] == 1):
@@ -312,7 +314,8 @@ class GatedModel(nn.Module):
         gate as the decision allows."""
         n = x.shape[0]
         score = _HOST_SCORES[self.score]
-        alive = np.arange(n)
+        alive: np.ndarray | None = None  # rows still in the batch, made when the first sample leaves
+        left = n  # how many
         done: list[tuple[int, np.ndarray, np.ndarray]] = []  # (exit, rows, outputs)
         stages = list(self.stages)  # ModuleList[g] costs ~13 us a call on a small CPU: 10 of them ~2% of a ResNet-56
         thresholds, t32 = self._thresholds, self._t32
@@ -324,10 +327,10 @@ class GatedModel(nn.Module):
             t = t32[g]
             zt = self._gate_product(g, h)
             plan = self._plans[g]
-            if alive.size == 1:  # one sample: a Python list beats NumPy's per-call cost
+            if left == 1:  # one sample: a Python list beats NumPy's per-call cost
                 row = [v + b for v, b in zip(zt.tolist()[0], plan.bias_list, strict=True)]  # rounded to float32 later
                 if _LIST_SCORES[self.score](row) >= t:
-                    done.append((g, alive, np.array([row], dtype=np.float32)))  # rounded as a float32 add
+                    done.append((g, np.arange(n) if alive is None else alive, np.array([row], dtype=np.float32)))
                     return _assemble_host(n, done, x.device)
                 continue
             z = zt.numpy()  # more than one sample: we are on a CPU
@@ -336,15 +339,18 @@ class GatedModel(nn.Module):
             gone = leave.nonzero()[0]
             if gone.size == 0:
                 continue
-            if gone.size == alive.size:
+            if alive is None:
+                alive = np.arange(n)
+            if gone.size == left:
                 done.append((g, alive, z))
                 return _assemble_host(n, done, x.device)
             stay = (~leave).nonzero()[0]
             done.append((g, alive[gone], z[gone]))
             alive = alive[stay]
+            left = alive.size
             h = _rows(h, torch.from_numpy(stay))
         out = stages[-1](h).float()
-        if not done:
+        if alive is None:  # nobody left early
             return GatedOutput(
                 out, out.argmax(1), torch.full((n,), self.num_gates, dtype=torch.long, device=out.device)
             )
@@ -476,14 +482,14 @@ class GatedModel(nn.Module):
         leave = s >= self._thresholds[g]
         return torch.nonzero(leave).squeeze(1), torch.nonzero(~leave).squeeze(1), pt
 
-    @torch.inference_mode()
     def backbone_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's logits without gates: the same stages, chained (the baseline of ``dgate bench``)."""
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        for stage in self.stages:
-            x = stage(x)
-        return x.float()
+        """The backbone's logits without gates: the same stages, chained."""
+        return _chain(self.stages, self.channels_last, x)
+
+    def backbone(self) -> Backbone:
+        """The backbone without gates as a module sharing these stages: ``model.backbone()(x)``
+        gives its logits. The baseline of ``dgate bench``, called as the gated model is."""
+        return Backbone(self.stages, self.channels_last)
 
     def extra_repr(self) -> str:
         gates = ", ".join(f"{n}@{t:.4g}" for n, t in zip(self.gate_names, self._thresholds, strict=True))
@@ -493,6 +499,30 @@ class GatedModel(nn.Module):
     @property
     def classes(self) -> list[str]:
         return list(self.manifest.get("classes", []))
+
+
+class Backbone(nn.Module):
+    """The stages of a :class:`GatedModel` chained without gates (see :meth:`GatedModel.backbone`)."""
+
+    def __init__(self, stages: nn.ModuleList, channels_last: bool = False):
+        super().__init__()
+        self.stages = stages
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _chain(self.stages, self.channels_last, x)
+
+
+def _chain(stages: nn.ModuleList, channels_last: bool, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's logits (float32): ``stages`` chained, in inference mode."""
+    if not torch.is_inference_mode_enabled():
+        with torch.inference_mode():
+            return _chain(stages, channels_last, x)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for stage in stages:
+        x = stage(x)
+    return x.float()
 
 
 def _f32(v: float) -> float:

@@ -314,6 +314,19 @@ def test_a_threshold_beyond_float32_keeps_the_gate_open_and_new_weights_are_used
     assert model.exit_costs()[0] == 101.0  # the open gate is charged
 
 
+def test_backbone_module_shares_the_stages_and_runs_in_inference_mode():
+    model = make_model(Pooling((2,)))
+    x = torch.randn(5, 3, 16, 16)
+    backbone = model.backbone()
+    assert isinstance(backbone, nn.Module) and backbone.stages is model.stages
+    got = backbone(x)  # called outside inference mode: it enters it itself, as forward does
+    assert got.is_inference() and not got.requires_grad and got.dtype == torch.float32
+    assert torch.equal(got, model.backbone_forward(x))
+    model.set_thresholds([math.inf, math.inf])
+    out = model(x)
+    assert out.logits.is_inference() and torch.equal(out.logits, got) and out.exit.tolist() == [2] * 5
+
+
 def test_thresholds_are_a_copy_and_assigning_a_list_rounds_it_again():
     model = make_model(Pooling((2,)))
     model.set_thresholds([0.1, math.inf])
