@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -160,34 +161,44 @@ def _time_batches(
 ) -> tuple[list[float], list[float], torch.Tensor]:
     """Backbone and gated times (seconds) per batch over ``repeats`` passes, interleaved batch by
     batch (which goes first alternates), and the exit of every image of the first pass."""
-    device = batches[0].device
     backbone = model.backbone()  # a module, called as the gated model is
-    t_bb: list[float] = []
-    t_g: list[float] = []
-    exits = []
     with torch.inference_mode():
         for _ in range(warmup):  # every survivor batch size the timed run meets is then warm
             for xb in batches:
                 model(xb)
                 backbone(xb)
-        sync(device)
-        timed = batches * max(1, repeats)
-        for i, x in enumerate(timed):
-            order = ("g", "b") if i % 2 == 0 else ("b", "g")
-            for which in order:
-                sync(device)
-                t0 = time.perf_counter()
-                if which == "g":
-                    out = model(x)
-                else:
-                    backbone(x)
-                sync(device)
-                (t_g if which == "g" else t_bb).append(time.perf_counter() - t0)
-            if i < len(batches):
-                exits.append(out.exit.cpu())
-            if progress:
-                progress(label, i + 1, len(timed))
-    return t_bb, t_g, torch.cat(exits)
+        pairs = [(partial(model, x), partial(backbone, x)) for x in batches * max(1, repeats)]
+        t_bb, t_g, outs = _interleaved(pairs, batches[0].device, label, progress)
+    return t_bb, t_g, torch.cat([out.exit.cpu() for out in outs[: len(batches)]])
+
+
+def _interleaved(
+    pairs: list[tuple[Callable[[], Any], Callable[[], Any]]],
+    device: torch.device,
+    label: str,
+    progress: ProgressFn | None,
+) -> tuple[list[float], list[float], list[Any]]:
+    """Time each ``(gated, backbone)`` pair of calls, which goes first alternating, synchronised
+    around every call: (backbone seconds, gated seconds, what the gated calls returned)."""
+    t_bb: list[float] = []
+    t_g: list[float] = []
+    outs: list[Any] = []
+    sync(device)
+    for i, (gated, backbone) in enumerate(pairs):
+        for call in (gated, backbone) if i % 2 == 0 else (backbone, gated):
+            sync(device)
+            t0 = time.perf_counter()
+            result = call()
+            sync(device)
+            elapsed = time.perf_counter() - t0
+            if call is gated:
+                t_g.append(elapsed)
+                outs.append(result)
+            else:
+                t_bb.append(elapsed)
+        if progress:
+            progress(label, i + 1, len(pairs))
+    return t_bb, t_g, outs
 
 
 def _latencies(t_bb: list[float], t_g: list[float]) -> tuple[float, float, float, float]:
@@ -207,37 +218,25 @@ def _stream_row(
 ) -> BenchRow:
     """Whole passes of :meth:`GatedModel.stream` over ``batches`` (all images, in order) against
     the backbone's passes; accuracy on the same images as the batch rows'."""
-    device = batches[0].device
     n = sum(x.shape[0] for x in batches)
-    results: list[list[tuple[torch.Tensor, GatedOutput]]] = []
-
-    def gated() -> None:
-        results[:] = [list(model.stream(batches, batch_size=b))]  # bookkeeping after the clock stops
-
     module = model.backbone()
+
+    def gated() -> list[tuple[torch.Tensor, GatedOutput]]:
+        return list(model.stream(batches, batch_size=b))  # bookkeeping after the clock stops
 
     def backbone() -> None:
         for x in batches:
             module(x)
 
-    t_g: list[float] = []
-    t_bb: list[float] = []
     with torch.inference_mode():
         for _ in range(warmup):
             gated()
             backbone()
-        for r in range(max(1, repeats)):
-            for which in ("g", "b") if r % 2 == 0 else ("b", "g"):
-                sync(device)
-                t0 = time.perf_counter()
-                gated() if which == "g" else backbone()
-                sync(device)
-                (t_g if which == "g" else t_bb).append(time.perf_counter() - t0)
-            if progress:
-                progress(f"batch size {b}, stream", r + 1, max(1, repeats))
+        pairs = [(gated, backbone)] * max(1, repeats)
+        t_bb, t_g, outs = _interleaved(pairs, batches[0].device, f"batch size {b}, stream", progress)
     exit_ = torch.empty(n, dtype=torch.long)
     pred = torch.empty(n, dtype=torch.long)
-    for index, out in results[-1]:
+    for index, out in outs[-1]:
         exit_[index.cpu()] = out.exit.cpu()
         pred[index.cpu()] = out.pred.cpu()
     acc = float((pred == labels[:n].cpu()).double().mean()) if labels is not None else None

@@ -255,7 +255,7 @@ class GatedModel(nn.Module):
 
         Three operations for one average grid (pool, a strided view, ``mm``) - each small op costs
         20-40 us right after a stage on a CPU, and ``addmm`` with a broadcast bias twice ``mm``."""
-        plan = self._plans.get(g) or self._plan(g)
+        plan = self._plan(g)
         n = h.shape[0]
         if plan.size:
             f = _adaptive_avg_pool2d(h, plan.size)
@@ -313,29 +313,28 @@ class GatedModel(nn.Module):
         instead of 2-15, and the next stage starts cold in turn. Hence as few operations per
         gate as the decision allows."""
         n = x.shape[0]
-        score = _HOST_SCORES[self.score]
+        list_score = _LIST_SCORES[self.score]
         alive: np.ndarray | None = None  # rows still in the batch, made when the first sample leaves
         left = n  # how many
         done: list[tuple[int, np.ndarray, np.ndarray]] = []  # (exit, rows, outputs)
         stages = list(self.stages)  # ModuleList[g] costs ~13 us a call on a small CPU: 10 of them ~2% of a ResNet-56
-        thresholds, t32 = self._thresholds, self._t32
+        thresholds, t32 = self._thresholds, self._t32  # t32: for the single-sample rule
         h = x
         for g in range(self.num_gates):
             h = stages[g](h)
             if thresholds[g] == math.inf:  # closed (a finite threshold above float32's range stays open)
                 continue
-            t = t32[g]
             zt = self._gate_product(g, h)
-            plan = self._plans[g]
+            plan = self._plan(g)
             if left == 1:  # one sample: a Python list beats NumPy's per-call cost
                 row = [v + b for v, b in zip(zt.tolist()[0], plan.bias_list, strict=True)]  # rounded to float32 later
-                if _LIST_SCORES[self.score](row) >= t:
+                if list_score(row) >= t32[g]:
                     done.append((g, np.arange(n) if alive is None else alive, np.array([row], dtype=np.float32)))
                     return _assemble_host(n, done, x.device)
                 continue
             z = zt.numpy()  # more than one sample: we are on a CPU
             z += plan.bias_np  # in place, in float32, as gate_outputs adds it
-            leave = score(z) >= t  # float32 scores against a float32 value: compared in float32
+            leave = self._host_leave(g, z)
             gone = leave.nonzero()[0]
             if gone.size == 0:
                 continue
@@ -383,7 +382,7 @@ class GatedModel(nn.Module):
                 return self._assemble(n, done)
             stay = torch.nonzero(~leave).squeeze(1)
             alive = alive[stay]
-            h = h[stay]  # not index_select: that returns NCHW for a channels-last h, and NCHW convs run 2x slower
+            h = _rows(h, stay)
         out = stages[-1](h).float()
         done.append((self.num_gates, alive, out, out.argmax(1)))
         return self._assemble(n, done)
@@ -464,15 +463,20 @@ class GatedModel(nn.Module):
                         yield index[gone], GatedOutput(z[gone], p[gone], torch.full_like(index[gone], g))
                         if not stay.numel():
                             continue
-                        h, index = h[stay], index[stay]  # not index_select: it drops channels-last
+                        h, index = _rows(h, stay), index[stay]
                 queues[g + 1].append((h, index))
                 counts[g + 1] += index.shape[0]
+
+    def _host_leave(self, g: int, z: np.ndarray) -> np.ndarray:
+        """Which rows of gate ``g``'s float32 outputs ``z`` (on the host) leave: their score against
+        the threshold rounded to float32, compared in float32 - as a device compares them."""
+        return _HOST_SCORES[self.score](z) >= self._t32[g]
 
     def _decide(self, g: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows that leave at gate ``g``, rows that stay, classes) for its outputs ``z``."""
         if z.device.type == "cpu" and self.score in _HOST_SCORES:
             zn = z.numpy()
-            leave = _HOST_SCORES[self.score](zn) >= self._t32[g]
+            leave = self._host_leave(g, zn)
             return (
                 torch.from_numpy(leave.nonzero()[0]),
                 torch.from_numpy((~leave).nonzero()[0]),
@@ -601,8 +605,9 @@ def _list_nan(row: list[float]) -> bool:
 
 
 def _list_max(row: list[float]) -> float:
-    """The max rule for one sample's outputs as Python floats (float32 values, or exact sums of
-    two: rounded here, once - rounding is monotonic)."""
+    """The max rule for one sample's outputs as Python floats (float32 values, or sums of two
+    float32 values in double: rounded here, once - rounding is monotonic - which gives the float32
+    sum's bits)."""
     return math.nan if _list_nan(row) else _f32(max(row))
 
 

@@ -175,6 +175,14 @@ def test_thresholds_compare_in_float32_like_the_device():
     assert _f32(a) >= _f32(a)
 
 
+def device_path(model: GatedModel, x: torch.Tensor) -> GatedOutput:
+    """The tensor (GPU) exit decisions, run on the CPU for comparison, on ``x`` in the model's format."""
+    if model.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return model._forward_device(x)
+
+
 def scores_at_gates(model: GatedModel, x: torch.Tensor, score: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample's score at gate 0 and gate 1 (all samples through both stages)."""
     with torch.inference_mode():
@@ -272,8 +280,7 @@ def test_host_equals_device_for_every_gate_layout(pooling: Pooling, channels_las
     for i in range(0, 48, 7):  # one sample: decided from a Python list with the bias added there
         one = x[i : i + 1]
         host = model(one)
-        with torch.inference_mode():
-            dev = model._forward_device(one.contiguous(memory_format=torch.channels_last) if channels_last else one)
+        dev = device_path(model, one)
         assert torch.equal(host.logits, dev.logits) and torch.equal(host.exit, dev.exit), i
         assert torch.equal(host.pred, dev.pred), i
 
@@ -287,8 +294,7 @@ def assert_host_equals_device(model: GatedModel, x: torch.Tensor, score: str) ->
         t = [float(s0.sort().values[int(q0 * 47)]), float(s1.sort().values[int(q1 * 47)])]  # ties: some sample's score
         model.set_thresholds(t)
         host = model(x)
-        with torch.inference_mode():
-            dev = model._forward_device(x.contiguous(memory_format=torch.channels_last) if model.channels_last else x)
+        dev = device_path(model, x)
         assert torch.equal(host.exit, dev.exit) and torch.equal(host.pred, dev.pred), (q0, q1)
         assert torch.equal(host.logits, dev.logits)
         assert host.exit.dtype == host.pred.dtype == torch.long and host.logits.dtype == torch.float32
@@ -306,8 +312,7 @@ def test_a_threshold_beyond_float32_keeps_the_gate_open_and_new_weights_are_used
     model.load_state_dict(state)  # must drop the cached plans (they hold copies of the bias)
     model.set_thresholds([1e39, math.inf])  # above float32's range, but open: only +inf passes
     host = model(x)
-    with torch.inference_mode():
-        dev = model._forward_device(x.contiguous(memory_format=torch.channels_last))
+    dev = device_path(model, x)
     assert host.exit.tolist() == dev.exit.tolist() == [0] * 12
     assert host.pred.tolist() == dev.pred.tolist() == [0] * 12
     assert model(x[:1]).exit.tolist() == [0]  # one sample, from a Python list
