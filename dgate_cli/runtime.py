@@ -6,10 +6,12 @@ format), so no later stage runs for them; the results are put back in input orde
 Closed gates (threshold ``inf``) are skipped entirely, at no cost.
 
 A gate is one pooling and one small matrix product. For one average grid the pooled tensor is read
-in its memory order (no copy) against the gate's weights, kept in both orders. On a CPU the exit
-decision is made on the host: on a NumPy view of the gate's ``(N, K)`` products for a batch, on a
-Python list for a single sample (on any device), with the bias added there and the float32 rounding
-of :func:`gate_scores`, so that both paths give the same bits. Few operations per gate is the point:
+in its memory order (no copy) against the gate's weights, kept in both orders; a single sample's
+stage output is not pooled but multiplied with the weights spread over the pooling windows (one
+operation instead of two). On a CPU the exit decision is made on the host: on a NumPy view of the
+gate's ``(N, K)`` products for a batch, on a Python list for a single sample (on any device), with
+the bias added there and the float32 rounding of :func:`gate_scores`, so that both paths give the
+same bits. Few operations per gate is the point:
 right after a stage every small operation costs 10-40 us on a CPU (the stage has evicted the
 caches), whatever its size. On a GPU the decision stays on the device, with one host
 synchronisation per open gate to learn how many samples remain.
@@ -37,6 +39,9 @@ from .thresholds import OperatingPoint, decode_threshold
 # the pooling op without F.adaptive_avg_pool2d's Python argument handling (~15 us a call, cold);
 # it also skips __torch_function__ overrides (tensor subclasses), which stage outputs do not use
 _adaptive_avg_pool2d = getattr(torch._C._nn, "adaptive_avg_pool2d", F.adaptive_avg_pool2d)
+# the most weights (elements) a gate spreads over one sample's whole stage output (1 MB in float32);
+# a CIFAR ResNet's first stage with 10 classes needs 164k, an ImageNet one's would need 800M
+_FULL_GRID_MAX = 1 << 18
 
 
 def fuse_batchnorm(stage: nn.Module) -> nn.Module:
@@ -135,6 +140,7 @@ class GatedModel(nn.Module):
         self._thresholds: list[float] = []
         self._t32: list[float] = []  # the thresholds rounded to float32, as a device compares them
         self._plans: dict[int, _GatePlan] = {}  # per gate, see _plan
+        self._grids: dict[tuple, torch.Tensor | None] = {}  # per gate and stage output layout, see _full_grid
         self.set_thresholds(thresholds)
         self.eval()
 
@@ -142,7 +148,7 @@ class GatedModel(nn.Module):
         """``.to()``, ``.cuda()``, ``.half()``: drop the cached gate plans (they hold the old tensors)
         and keep the gates in float32 on the new device - their scores are float32 by design, and
         ``model.half()`` (or bfloat16) then runs the stages in half precision with the gates exact."""
-        self._plans = {}
+        self._plans, self._grids = {}, {}
         gates = {k: v for k, v in self._buffers.items() if k.startswith("gate") and v is not None}
         out = super()._apply(fn, recurse)
         for k, before in gates.items():
@@ -152,7 +158,7 @@ class GatedModel(nn.Module):
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):  # new gate weights: the plans hold copies of the old
-        self._plans = {}
+        self._plans, self._grids = {}, {}
         super()._load_from_state_dict(*args, **kwargs)
 
     @property
@@ -254,9 +260,18 @@ class GatedModel(nn.Module):
         """Gate ``g``'s pooled features times its weights, without the bias: ``(N, K)`` float32.
 
         Three operations for one average grid (pool, a strided view, ``mm``) - each small op costs
-        20-40 us right after a stage on a CPU, and ``addmm`` with a broadcast bias twice ``mm``."""
-        plan = self._plan(g)
+        20-40 us right after a stage on a CPU, and ``addmm`` with a broadcast bias twice ``mm``. One
+        sample's grid is not pooled at all: its whole stage output times the weights spread over
+        each pooling window (:meth:`_full_grid`) is one ``mm``, ~50 us less per gate after a stage."""
         n = h.shape[0]
+        if n == 1:
+            key = (g, h.shape, h.stride(), h.dtype)
+            wt = self._grids.get(key, False)
+            if wt is False:
+                wt = self._full_grid(g, h, key)
+            if wt is not None:
+                return torch.mm(h.as_strided((1, wt.shape[0]), (wt.shape[0], 1)), wt)
+        plan = self._plan(g)
         if plan.size:
             f = _adaptive_avg_pool2d(h, plan.size)
             if f.dtype != torch.float32:
@@ -270,6 +285,36 @@ class GatedModel(nn.Module):
         if f.dtype != torch.float32:
             f = f.float()
         return torch.mm(f, plan.weight_t)
+
+    def _full_grid(self, g: int, h: torch.Tensor, key: tuple) -> torch.Tensor | None:
+        """For one sample's stage output ``h`` ``(1, C, H, W)``, gate ``g``'s weights over the
+        whole output in its memory order, ``(C*H*W, K)``: each pooled weight divided by its
+        window's area and repeated over the window, so that one ``mm`` on ``h``'s memory gives the
+        pooled product. None (pool first) when the gate is not one average grid, the windows are
+        uneven, ``h`` is not float32 or not dense in NCHW or NHWC order, or the weights would pass
+        ``_FULL_GRID_MAX`` elements (reading them would cost more than the pooling saves).
+        Cached per shape, strides and dtype: ``key``."""
+        wt = None
+        s = self._plan(g).size  # 0: not one average grid on an NCHW output
+        if s and h.dtype == torch.float32:
+            _, c, height, width = h.shape
+            w = self.gate_weight(g)
+            k = w.shape[0]
+            nhwc = not h.is_contiguous()
+            if (
+                w.shape[1] == c * s * s
+                and height % s == 0
+                and width % s == 0
+                and k * c * height * width <= _FULL_GRID_MAX
+                and (not nhwc or h.is_contiguous(memory_format=torch.channels_last))
+            ):
+                bh, bw = height // s, width // s
+                full = (w.view(k, c, s, s) / (bh * bw)).repeat_interleave(bh, 2).repeat_interleave(bw, 3)
+                if nhwc:
+                    full = full.permute(0, 2, 3, 1)
+                wt = full.reshape(k, -1).contiguous().t()
+        self._grids[key] = wt
+        return wt
 
     def _plan(self, g: int) -> _GatePlan:
         """How gate ``g`` reads its stage output (cached until the model moves): the weights as a
@@ -299,21 +344,41 @@ class GatedModel(nn.Module):
                 return self.forward(x)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.score in _HOST_SCORES and (x.device.type == "cpu" or x.shape[0] == 1):
+        if x.shape[0] == 1 and self.score in _LIST_SCORES:
+            return self._forward_one(x)
+        if self.score in _HOST_SCORES and x.device.type == "cpu":
             return self._forward_host(x)
         return self._forward_device(x)
 
+    def _forward_one(self, x: torch.Tensor) -> GatedOutput:
+        """One sample (on any device): each open gate's outputs read as a Python list, the bias
+        added there, decided by the float32 rule of :func:`gate_scores` - nothing else per gate."""
+        score = _LIST_SCORES[self.score]
+        stages = list(self.stages)  # ModuleList[g] costs ~13 us a call on a small CPU
+        thresholds, t32 = self._thresholds, self._t32
+        h = x
+        for g in range(len(t32)):
+            h = stages[g](h)
+            if thresholds[g] == math.inf:  # closed
+                continue
+            row = [v + b for v, b in zip(self._gate_product(g, h).tolist()[0], self._plans[g].bias_list, strict=True)]
+            if score(row) >= t32[g]:
+                return _assemble_host(1, [(g, None, np.array([row], dtype=np.float32))], x.device)
+        out = stages[-1](h).float()
+        return GatedOutput(out, out.argmax(1), torch.full((1,), len(t32), dtype=torch.long, device=out.device))
+
     def _forward_host(self, x: torch.Tensor) -> GatedOutput:
-        """Exit decisions on the host: each open gate's ``(N, K)`` outputs are viewed as a NumPy
-        array and scored there, with the float32 rounding of :func:`gate_scores`; one sample's are
-        read as a Python list (on any device). Classes are found once, for everyone, at the end.
+        """Exit decisions on the host (a CPU batch): each open gate's ``(N, K)`` outputs are
+        viewed as a NumPy array and scored there, with the float32 rounding of :func:`gate_scores`;
+        a last sample's are read as a Python list, as in :meth:`_forward_one`. Classes are found
+        once, for everyone, at the end.
 
         Every distinct operation here is paid for twice on a CPU: a stage's kernels push the
         runtime's own code out of the caches, so a small op right after a stage costs 20-80 us
         instead of 2-15, and the next stage starts cold in turn. Hence as few operations per
         gate as the decision allows."""
         n = x.shape[0]
-        list_score = _LIST_SCORES[self.score]
+        score = _LIST_SCORES[self.score]
         alive: np.ndarray | None = None  # rows still in the batch, made when the first sample leaves
         left = n  # how many
         done: list[tuple[int, np.ndarray, np.ndarray]] = []  # (exit, rows, outputs)
@@ -326,9 +391,9 @@ class GatedModel(nn.Module):
                 continue
             zt = self._gate_product(g, h)
             plan = self._plan(g)
-            if left == 1:  # one sample: a Python list beats NumPy's per-call cost
+            if left == 1:  # one sample left: a Python list beats NumPy's per-call cost
                 row = [v + b for v, b in zip(zt.tolist()[0], plan.bias_list, strict=True)]  # rounded to float32 later
-                if list_score(row) >= t32[g]:
+                if score(row) >= t32[g]:
                     done.append((g, np.arange(n) if alive is None else alive, np.array([row], dtype=np.float32)))
                     return _assemble_host(n, done, x.device)
                 continue

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from dgate_cli import _malloc
+from dgate_cli import _malloc, runtime
 from dgate_cli import bench as bench_module
 from dgate_cli.bench import bench
 from dgate_cli.features import Pooling, pool
@@ -530,3 +530,60 @@ def test_moving_the_model_drops_the_cached_gate_plans():
     model.to(torch.float64).to(torch.float32)
     assert model._plans == {}
     assert torch.equal(model(x).exit, torch.ones(4, dtype=torch.long))
+
+
+def no_pooling(*args, **kwargs):
+    raise AssertionError("the single-sample product pooled")
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("side", [16, 24, 10])
+def test_one_sample_is_scored_without_pooling_when_the_windows_are_even(
+    side: int, channels_last: bool, monkeypatch: pytest.MonkeyPatch
+):
+    # one sample: its whole stage output times the weights spread over each window, one mm (no
+    # pooling op); uneven windows (10 / 4) pool as a batch does. Both equal pool-then-linear.
+    model = make_model(Pooling((4,)), channels_last, seed=5)
+    x = torch.randn(1, 3, side, side)
+    with torch.inference_mode():
+        h = model.stages[0](x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        want = reference_outputs(model, 0, h)
+        if side % 4 == 0:
+            monkeypatch.setattr(runtime, "_adaptive_avg_pool2d", no_pooling)
+        got = model.gate_outputs(0, h)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        again = model.gate_outputs(0, h)  # from the cached weights
+    assert torch.equal(got, again)
+    assert (model._grids[(0, h.shape, h.stride(), h.dtype)] is not None) == (side % 4 == 0)
+
+
+def test_the_single_sample_product_pools_for_half_outputs_other_poolings_and_large_weights(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    model = make_model(Pooling((4,)), seed=6)
+    h = torch.randn(1, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        half = model.gate_outputs(0, h.half())  # not float32: pooled (in half), as a batch is
+        torch.testing.assert_close(half, reference_outputs(model, 0, h.half()), atol=1e-4, rtol=1e-4)
+        monkeypatch.setattr(runtime, "_FULL_GRID_MAX", 8 * 16 * 16 * K - 1)  # one element too many
+        torch.testing.assert_close(model.gate_outputs(0, h), reference_outputs(model, 0, h), atol=1e-5, rtol=1e-5)
+        assert model._grids[(0, h.shape, h.stride(), h.dtype)] is None
+        mixed = make_model(Pooling((2,), ("avg", "max")), seed=6)
+        got = mixed.gate_outputs(0, h)
+        torch.testing.assert_close(got, reference_outputs(mixed, 0, h), atol=1e-5, rtol=1e-5)
+    assert list(mixed._grids.values()) == [None]
+
+
+def test_new_gate_weights_reach_the_single_sample_product():
+    model = make_model(Pooling((4,)))
+    x = torch.randn(1, 3, 16, 16)
+    model.set_thresholds([-math.inf, math.inf])  # everyone leaves at gate 0 with its outputs
+    before = model(x).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["gate0_weight"] *= 2
+    state["gate0_bias"] *= 2
+    model.load_state_dict(state)  # drops the spread weights cached for this shape
+    torch.testing.assert_close(model(x).logits, 2 * before, atol=1e-5, rtol=1e-5)
+    model.to(torch.float64).to(torch.float32)  # moving drops them too
+    assert model._grids == {}
+    torch.testing.assert_close(model(x).logits, 2 * before, atol=1e-5, rtol=1e-5)
