@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import _native
 from ._device import describe, sync
 from ._malloc import malloc_state
 from .runtime import GatedModel, GatedOutput
@@ -305,4 +306,7 @@ def _accuracy(
 def _machine(device: torch.device) -> str:
     import platform
 
-    return f"{platform.node()} {platform.machine()}, {describe(torch.device('cpu'))}, malloc {malloc_state()}"
+    return (
+        f"{platform.node()} {platform.machine()}, {describe(torch.device('cpu'))}, malloc {malloc_state()},"
+        f" single-sample gate kernel {_native.status()}"
+    )

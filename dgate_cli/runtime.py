@@ -6,15 +6,14 @@ format), so no later stage runs for them; the results are put back in input orde
 Closed gates (threshold ``inf``) are skipped entirely, at no cost.
 
 A gate is one pooling and one small matrix product. For one average grid the pooled tensor is read
-in its memory order (no copy) against the gate's weights, kept in both orders; a single sample's
-stage output is not pooled but multiplied with the weights spread over the pooling windows (one
-operation instead of two). On a CPU the exit decision is made on the host: on a NumPy view of the
-gate's ``(N, K)`` products for a batch, on a Python list for a single sample (on any device), with
-the bias added there and the float32 rounding of :func:`gate_scores`, so that both paths give the
-same bits. Few operations per gate is the point:
-right after a stage every small operation costs 10-40 us on a CPU (the stage has evicted the
-caches), whatever its size. On a GPU the decision stays on the device, with one host
-synchronisation per open gate to learn how many samples remain.
+in its memory order (no copy) against the gate's weights, kept in both orders. On a CPU the exit
+decision is made on the host: on a NumPy view of the gate's ``(N, K)`` products for a batch, with
+the bias added there and the float32 rounding of :func:`gate_scores`, so that host and device paths
+give the same bits. A single sample's gate is one call of a small C kernel (:mod:`._native`: pool,
+product, bias and score; ``gate_outputs`` uses it too), or, without one, its outputs read as a
+Python list. Few operations per gate is the point: right after a stage every small operation costs
+10-40 us on a CPU (the stage has evicted the caches), whatever its size. On a GPU the decision stays
+on the device, with one host synchronisation per open gate to learn how many samples remain.
 
 :meth:`GatedModel.stream` is the throughput mode: survivors wait in a queue per stage until a full
 batch of them (from several input batches) is there, so the deep stages do not run on remnants.
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _native
 from .features import Pooling, pool
 from .gates import gate_scores
 from .thresholds import OperatingPoint, decode_threshold
@@ -39,9 +39,6 @@ from .thresholds import OperatingPoint, decode_threshold
 # the pooling op without F.adaptive_avg_pool2d's Python argument handling (~15 us a call, cold);
 # it also skips __torch_function__ overrides (tensor subclasses), which stage outputs do not use
 _adaptive_avg_pool2d = getattr(torch._C._nn, "adaptive_avg_pool2d", F.adaptive_avg_pool2d)
-# the most weights (elements) a gate spreads over one sample's whole stage output (1 MB in float32);
-# a CIFAR ResNet's first stage with 10 classes needs 164k, an ImageNet one's would need 800M
-_FULL_GRID_MAX = 1 << 18
 
 
 def fuse_batchnorm(stage: nn.Module) -> nn.Module:
@@ -140,7 +137,7 @@ class GatedModel(nn.Module):
         self._thresholds: list[float] = []
         self._t32: list[float] = []  # the thresholds rounded to float32, as a device compares them
         self._plans: dict[int, _GatePlan] = {}  # per gate, see _plan
-        self._grids: dict[tuple, torch.Tensor | None] = {}  # per gate and stage output layout, see _full_grid
+        self._natives: dict[tuple, tuple | None] = {}  # per gate and stage output layout, see _native
         self.set_thresholds(thresholds)
         self.eval()
 
@@ -148,7 +145,7 @@ class GatedModel(nn.Module):
         """``.to()``, ``.cuda()``, ``.half()``: drop the cached gate plans (they hold the old tensors)
         and keep the gates in float32 on the new device - their scores are float32 by design, and
         ``model.half()`` (or bfloat16) then runs the stages in half precision with the gates exact."""
-        self._plans, self._grids = {}, {}
+        self._plans, self._natives = {}, {}
         gates = {k: v for k, v in self._buffers.items() if k.startswith("gate") and v is not None}
         out = super()._apply(fn, recurse)
         for k, before in gates.items():
@@ -158,7 +155,7 @@ class GatedModel(nn.Module):
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):  # new gate weights: the plans hold copies of the old
-        self._plans, self._grids = {}, {}
+        self._plans, self._natives = {}, {}
         super()._load_from_state_dict(*args, **kwargs)
 
     @property
@@ -253,24 +250,22 @@ class GatedModel(nn.Module):
     # -- inference --------------------------------------------------------------------------------
     def gate_outputs(self, g: int, h: torch.Tensor) -> torch.Tensor:
         """Gate ``g``'s outputs ``(N, K)`` (float32) for stage output ``h``: the pooled features
-        times the weights, plus the bias (added in float32 after the product, as the host paths do)."""
+        times the weights, plus the bias (added in float32 after the product, as the host paths
+        do); for one sample on a CPU, those of the single-sample kernel (:mod:`._native`)."""
+        if h.shape[0] == 1:  # one sample on a CPU: the kernel's outputs, as the runtime uses them
+            native = self._native(g, h)
+            if native is not None:
+                kernel, args, _ = native
+                kernel.gate(h.data_ptr(), *args, 0)
+                return torch.from_numpy(_kernel_outputs(kernel, args[-1]))
         return self._gate_product(g, h).add_(self._plan(g).bias)
 
     def _gate_product(self, g: int, h: torch.Tensor) -> torch.Tensor:
         """Gate ``g``'s pooled features times its weights, without the bias: ``(N, K)`` float32.
 
         Three operations for one average grid (pool, a strided view, ``mm``) - each small op costs
-        20-40 us right after a stage on a CPU, and ``addmm`` with a broadcast bias twice ``mm``. One
-        sample's grid is not pooled at all: its whole stage output times the weights spread over
-        each pooling window (:meth:`_full_grid`) is one ``mm``, ~50 us less per gate after a stage."""
+        20-40 us right after a stage on a CPU, and ``addmm`` with a broadcast bias twice ``mm``."""
         n = h.shape[0]
-        if n == 1:
-            key = (g, h.shape, h.stride(), h.dtype)
-            wt = self._grids.get(key, False)
-            if wt is False:
-                wt = self._full_grid(g, h, key)
-            if wt is not None:
-                return torch.mm(h.as_strided((1, wt.shape[0]), (wt.shape[0], 1)), wt)
         plan = self._plan(g)
         if plan.size:
             f = _adaptive_avg_pool2d(h, plan.size)
@@ -286,35 +281,35 @@ class GatedModel(nn.Module):
             f = f.float()
         return torch.mm(f, plan.weight_t)
 
-    def _full_grid(self, g: int, h: torch.Tensor, key: tuple) -> torch.Tensor | None:
-        """For one sample's stage output ``h`` ``(1, C, H, W)``, gate ``g``'s weights over the
-        whole output in its memory order, ``(C*H*W, K)``: each pooled weight divided by its
-        window's area and repeated over the window, so that one ``mm`` on ``h``'s memory gives the
-        pooled product. None (pool first) when the gate is not one average grid, the windows are
-        uneven, ``h`` is not float32 or not dense in NCHW or NHWC order, or the weights would pass
-        ``_FULL_GRID_MAX`` elements (reading them would cost more than the pooling saves).
-        Cached per shape, strides and dtype: ``key``."""
-        wt = None
+    def _native(self, g: int, h: torch.Tensor) -> tuple[_native.Kernel, tuple, tuple] | None:
+        """The single-sample kernel, its arguments after ``h``'s data pointer (``C, H, W, s, nhwc,
+        weights, bias, K``) and the tensors they point into, for gate ``g`` on one sample's stage
+        output ``h`` ``(1, C, H, W)``.
+        None (PyTorch) without the kernel, off the CPU, for other poolings than one average grid,
+        uneven windows, or an output that is not float32 and dense in NCHW or NHWC order. Cached
+        per shape, strides and dtype until the model moves or loads new weights."""
+        key = (g, h.shape, h.stride(), h.dtype)
+        entry = self._natives.get(key, False)
+        if entry is not False:
+            return entry
         s = self._plan(g).size  # 0: not one average grid on an NCHW output
-        if s and h.dtype == torch.float32:
+        w, b = self.gate_weight(g), self.gate_bias(g)
+        kernel = _native.kernel() if s and h.dtype == torch.float32 and h.device.type == "cpu" else None
+        if kernel is not None:
             _, c, height, width = h.shape
-            w = self.gate_weight(g)
-            k = w.shape[0]
             nhwc = not h.is_contiguous()
             if (
                 w.shape[1] == c * s * s
                 and height % s == 0
                 and width % s == 0
-                and k * c * height * width <= _FULL_GRID_MAX
+                and w.is_contiguous()
+                and b.is_contiguous()
                 and (not nhwc or h.is_contiguous(memory_format=torch.channels_last))
             ):
-                bh, bw = height // s, width // s
-                full = (w.view(k, c, s, s) / (bh * bw)).repeat_interleave(bh, 2).repeat_interleave(bw, 3)
-                if nhwc:
-                    full = full.permute(0, 2, 3, 1)
-                wt = full.reshape(k, -1).contiguous().t()
-        self._grids[key] = wt
-        return wt
+                args = (c, height, width, s, int(nhwc), w.data_ptr(), b.data_ptr(), w.shape[0])
+                entry = kernel, args, (w, b)  # the tensors keep the pointers valid
+        self._natives[key] = entry = entry or None
+        return entry
 
     def _plan(self, g: int) -> _GatePlan:
         """How gate ``g`` reads its stage output (cached until the model moves): the weights as a
@@ -351,21 +346,32 @@ class GatedModel(nn.Module):
         return self._forward_device(x)
 
     def _forward_one(self, x: torch.Tensor) -> GatedOutput:
-        """One sample (on any device): each open gate's outputs read as a Python list, the bias
-        added there, decided by the float32 rule of :func:`gate_scores` - nothing else per gate."""
-        score = _LIST_SCORES[self.score]
+        """One sample (on any device): each open gate decided by :meth:`_leaves_one`, nothing else."""
         stages = list(self.stages)  # ModuleList[g] costs ~13 us a call on a small CPU
-        thresholds, t32 = self._thresholds, self._t32
+        thresholds = self._thresholds
         h = x
-        for g in range(len(t32)):
+        for g in range(len(thresholds)):
             h = stages[g](h)
             if thresholds[g] == math.inf:  # closed
                 continue
-            row = [v + b for v, b in zip(self._gate_product(g, h).tolist()[0], self._plans[g].bias_list, strict=True)]
-            if score(row) >= t32[g]:
-                return _assemble_host(1, [(g, None, np.array([row], dtype=np.float32))], x.device)
+            z = self._leaves_one(g, h)
+            if z is not None:
+                return _assemble_host(1, [(g, None, z)], x.device)
         out = stages[-1](h).float()
-        return GatedOutput(out, out.argmax(1), torch.full((1,), len(t32), dtype=torch.long, device=out.device))
+        return GatedOutput(out, out.argmax(1), torch.full((1,), len(thresholds), dtype=torch.long, device=out.device))
+
+    def _leaves_one(self, g: int, h: torch.Tensor) -> np.ndarray | None:
+        """Whether one sample leaves at gate ``g``: its ``(1, K)`` float32 outputs if so, else None.
+        Through the single-sample kernel on a CPU; else its outputs read as a Python list with the
+        bias added there, scored by the float32 rule of :func:`gate_scores`."""
+        native = self._native(g, h)
+        if native is not None:
+            kernel, args, _ = native
+            if kernel.gate(h.data_ptr(), *args, _RULES[self.score]) >= self._t32[g]:
+                return _kernel_outputs(kernel, args[-1])
+            return None
+        row = [v + b for v, b in zip(self._gate_product(g, h).tolist()[0], self._plan(g).bias_list, strict=True)]
+        return np.array([row], dtype=np.float32) if _LIST_SCORES[self.score](row) >= self._t32[g] else None
 
     def _forward_host(self, x: torch.Tensor) -> GatedOutput:
         """Exit decisions on the host (a CPU batch): each open gate's ``(N, K)`` outputs are
@@ -378,27 +384,24 @@ class GatedModel(nn.Module):
         instead of 2-15, and the next stage starts cold in turn. Hence as few operations per
         gate as the decision allows."""
         n = x.shape[0]
-        score = _LIST_SCORES[self.score]
         alive: np.ndarray | None = None  # rows still in the batch, made when the first sample leaves
         left = n  # how many
         done: list[tuple[int, np.ndarray, np.ndarray]] = []  # (exit, rows, outputs)
         stages = list(self.stages)  # ModuleList[g] costs ~13 us a call on a small CPU: 10 of them ~2% of a ResNet-56
-        thresholds, t32 = self._thresholds, self._t32  # t32: for the single-sample rule
+        thresholds = self._thresholds
         h = x
         for g in range(self.num_gates):
             h = stages[g](h)
             if thresholds[g] == math.inf:  # closed (a finite threshold above float32's range stays open)
                 continue
-            zt = self._gate_product(g, h)
-            plan = self._plan(g)
-            if left == 1:  # one sample left: a Python list beats NumPy's per-call cost
-                row = [v + b for v, b in zip(zt.tolist()[0], plan.bias_list, strict=True)]  # rounded to float32 later
-                if score(row) >= t32[g]:
-                    done.append((g, np.arange(n) if alive is None else alive, np.array([row], dtype=np.float32)))
+            if left == 1:  # one sample left: decided as a single input is
+                z1 = self._leaves_one(g, h)
+                if z1 is not None:
+                    done.append((g, np.arange(n) if alive is None else alive, z1))
                     return _assemble_host(n, done, x.device)
                 continue
-            z = zt.numpy()  # more than one sample: we are on a CPU
-            z += plan.bias_np  # in place, in float32, as gate_outputs adds it
+            z = self._gate_product(g, h).numpy()  # we are on a CPU
+            z += self._plan(g).bias_np  # in place, in float32, as gate_outputs adds it
             leave = self._host_leave(g, z)
             gone = leave.nonzero()[0]
             if gone.size == 0:
@@ -691,3 +694,11 @@ def _list_margin(row: list[float]) -> float:
 # on NumPy arrays (N, K), and on one sample's K outputs as a Python list; the class is the argmax
 _HOST_SCORES = {"max": _np_max, "margin": _np_margin}
 _LIST_SCORES = {"max": _list_max, "margin": _list_margin}
+_RULES = {"max": 0, "margin": 1}  # the kernel's numbers for them
+
+
+def _kernel_outputs(kernel: _native.Kernel, k: int) -> np.ndarray:
+    """The ``(1, K)`` outputs of this thread's last kernel call."""
+    z = np.empty((1, k), dtype=np.float32)
+    kernel.outputs(z.ctypes.data, k)
+    return z

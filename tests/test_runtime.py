@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import struct
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from dgate_cli import _malloc, runtime
+from dgate_cli import _malloc, _native, runtime
 from dgate_cli import bench as bench_module
 from dgate_cli.bench import bench
 from dgate_cli.features import Pooling, pool
@@ -495,6 +496,7 @@ def test_bench_times_both_and_reports_what_it_saw():
     keys = {"batch_size", "backbone_ms", "gated_ms", "speedup", "ideal_speedup", "flops_ratio", "accuracy"}
     assert keys | {"backbone_accuracy", "device", "machine", "torch"} <= listed[0].keys()
     assert f"malloc {_malloc.malloc_state()}" in listed[0]["machine"]
+    assert listed[0]["machine"].endswith(f"single-sample gate kernel {_native.status()}")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt tuning is glibc/Linux only")
@@ -532,17 +534,23 @@ def test_moving_the_model_drops_the_cached_gate_plans():
     assert torch.equal(model(x).exit, torch.ones(4, dtype=torch.long))
 
 
+def needs_kernel() -> None:
+    if _native.kernel() is None:
+        pytest.skip(f"the single-sample kernel is {_native.status()}")
+
+
 def no_pooling(*args, **kwargs):
-    raise AssertionError("the single-sample product pooled")
+    raise AssertionError("the single-sample product pooled in PyTorch")
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("side", [16, 24, 10])
-def test_one_sample_is_scored_without_pooling_when_the_windows_are_even(
+def test_one_sample_goes_through_the_kernel_when_the_windows_are_even(
     side: int, channels_last: bool, monkeypatch: pytest.MonkeyPatch
 ):
-    # one sample: its whole stage output times the weights spread over each window, one mm (no
-    # pooling op); uneven windows (10 / 4) pool as a batch does. Both equal pool-then-linear.
+    # even windows: pooling, product and bias in the C kernel (no PyTorch pooling); uneven ones
+    # (10 / 4) in PyTorch. Both equal pool-then-linear.
+    needs_kernel()
     model = make_model(Pooling((4,)), channels_last, seed=5)
     x = torch.randn(1, 3, side, side)
     with torch.inference_mode():
@@ -552,29 +560,103 @@ def test_one_sample_is_scored_without_pooling_when_the_windows_are_even(
             monkeypatch.setattr(runtime, "_adaptive_avg_pool2d", no_pooling)
         got = model.gate_outputs(0, h)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        again = model.gate_outputs(0, h)  # from the cached weights
-    assert torch.equal(got, again)
-    assert (model._grids[(0, h.shape, h.stride(), h.dtype)] is not None) == (side % 4 == 0)
+        assert torch.equal(got, model.gate_outputs(0, h))  # again, from the cached arguments
+    assert (model._natives[(0, h.shape, h.stride(), h.dtype)] is not None) == (side % 4 == 0)
 
 
-def test_the_single_sample_product_pools_for_half_outputs_other_poolings_and_large_weights(
-    monkeypatch: pytest.MonkeyPatch,
-):
+@pytest.mark.parametrize("rule", [0, 1])
+def test_the_kernel_scores_its_outputs_as_gate_scores_does(rule: int):
+    needs_kernel()
+    kernel = _native.kernel()
+    torch.manual_seed(7)
+    c, side, s = 6, 8, 2
+    for k in (1, 2, 5):
+        w = torch.randn(k, c * s * s)
+        b = torch.randn(k)
+        if k == 5:
+            w[3], b[3] = w[1], b[1]  # a tie for the largest or elsewhere
+        for case in range(40):
+            h = torch.randn(1, c, side, side) * 10.0 ** (case % 7 - 3)
+            if case == 5:
+                h[0, 2, 3, 3] = math.nan
+            if case == 6:
+                h[0, 1, 1, 1] = math.inf
+            got = kernel.gate(h.data_ptr(), c, side, side, s, 0, w.data_ptr(), b.data_ptr(), k, rule)
+            z = torch.from_numpy(runtime._kernel_outputs(kernel, k))
+            want, _ = gate_scores(z, ["max", "margin"][rule])
+            assert struct.pack("f", got) == struct.pack("f", float(want[0])), (k, case, got, float(want[0]))
+            torch.testing.assert_close(
+                z, pool(h, Pooling((s,)), "nchw") @ w.t() + b, atol=1e-4, rtol=1e-5, equal_nan=True
+            )
+
+
+def test_without_the_kernel_single_samples_are_decided_in_pytorch(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    model = make_model(Pooling((4,)), seed=8)
+    x = torch.randn(32, 3, 16, 16)
+    s0, s1 = scores_at_gates(model, x, "margin")
+    model.set_thresholds([midway(s0, 0.5), midway(s1, 0.5)])
+    monkeypatch.setenv("DGATE_CACHE_DIR", str(tmp_path))
+    outs = {}
+    for setting, env in [("on", {}), ("off", {"DGATE_NATIVE": "0"}), ("no cc", {"CC": "no-such-cc"})]:
+        monkeypatch.delenv("DGATE_NATIVE", raising=False)
+        monkeypatch.delenv("CC", raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        _native.reset()
+        model = model.to(torch.float32)  # drops the cached kernel arguments
+        outs[setting] = [model(x[i : i + 1]) for i in range(32)], _native.status()
+    _native.reset()
+    assert outs["off"][1] == "off (DGATE_NATIVE=0)"
+    assert outs["no cc"][1] == "off (no C compiler: 'no-such-cc' not found; install one or set CC)"
+    big = model(x)
+    for setting, (singles, _) in outs.items():
+        assert torch.equal(torch.cat([o.exit for o in singles]), big.exit), setting
+        torch.testing.assert_close(torch.cat([o.logits for o in singles]), big.logits, atol=1e-4, rtol=1e-4)
+    if outs["on"][1] == "on":  # built into the cache directory, under its final name only
+        files = list(tmp_path.iterdir())
+        assert len(files) == 1 and files[0].name.startswith("gate1-") and files[0].suffix == ".so"
+
+
+def test_a_failing_compiler_leaves_the_kernel_off_and_no_file(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    monkeypatch.setenv("DGATE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "false")  # exists, fails
+    monkeypatch.delenv("DGATE_NATIVE", raising=False)
+    _native.reset()
+    try:
+        assert _native.kernel() is None
+        assert _native.status() == "off (false failed: no message)"
+    finally:
+        _native.reset()
+    assert list((tmp_path / "cache").iterdir()) == []  # the temporary file is gone
+
+
+def test_single_samples_from_several_threads_get_their_own_outputs():
+    needs_kernel()
+    model = make_model(Pooling((4,)), seed=9)
+    x = torch.randn(64, 3, 16, 16)
+    s0, s1 = scores_at_gates(model, x, "margin")
+    model.set_thresholds([midway(s0, 0.5), midway(s1, 0.5)])
+    alone = [model(x[i : i + 1]) for i in range(64)]
+    with ThreadPoolExecutor(4) as pool_:
+        for _ in range(3):
+            together = list(pool_.map(lambda i: model(x[i : i + 1]), range(64)))
+            for a, t in zip(alone, together, strict=True):
+                assert torch.equal(a.logits, t.logits) and torch.equal(a.exit, t.exit)
+
+
+def test_half_outputs_and_other_poolings_are_scored_in_pytorch():
     model = make_model(Pooling((4,)), seed=6)
     h = torch.randn(1, 8, 16, 16).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        half = model.gate_outputs(0, h.half())  # not float32: pooled (in half), as a batch is
+        half = model.gate_outputs(0, h.half())
         torch.testing.assert_close(half, reference_outputs(model, 0, h.half()), atol=1e-4, rtol=1e-4)
-        monkeypatch.setattr(runtime, "_FULL_GRID_MAX", 8 * 16 * 16 * K - 1)  # one element too many
-        torch.testing.assert_close(model.gate_outputs(0, h), reference_outputs(model, 0, h), atol=1e-5, rtol=1e-5)
-        assert model._grids[(0, h.shape, h.stride(), h.dtype)] is None
+        assert model._natives[(0, h.shape, h.stride(), torch.float16)] is None
         mixed = make_model(Pooling((2,), ("avg", "max")), seed=6)
-        got = mixed.gate_outputs(0, h)
-        torch.testing.assert_close(got, reference_outputs(mixed, 0, h), atol=1e-5, rtol=1e-5)
-    assert list(mixed._grids.values()) == [None]
+        torch.testing.assert_close(mixed.gate_outputs(0, h), reference_outputs(mixed, 0, h), atol=1e-5, rtol=1e-5)
+    assert list(mixed._natives.values()) == [None]
 
 
-def test_new_gate_weights_reach_the_single_sample_product():
+def test_new_gate_weights_reach_the_single_sample_kernel():
     model = make_model(Pooling((4,)))
     x = torch.randn(1, 3, 16, 16)
     model.set_thresholds([-math.inf, math.inf])  # everyone leaves at gate 0 with its outputs
@@ -582,8 +664,8 @@ def test_new_gate_weights_reach_the_single_sample_product():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["gate0_weight"] *= 2
     state["gate0_bias"] *= 2
-    model.load_state_dict(state)  # drops the spread weights cached for this shape
+    model.load_state_dict(state)
     torch.testing.assert_close(model(x).logits, 2 * before, atol=1e-5, rtol=1e-5)
-    model.to(torch.float64).to(torch.float32)  # moving drops them too
-    assert model._grids == {}
+    model.to(torch.float64).to(torch.float32)  # moving drops the cached arguments (they hold pointers)
+    assert model._natives == {}
     torch.testing.assert_close(model(x).logits, 2 * before, atol=1e-5, rtol=1e-5)
