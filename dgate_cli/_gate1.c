@@ -13,7 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static __thread float *tl_buf = NULL; /* per thread: the pooled features, then the K outputs */
+static __thread float *tl_buf = NULL; /* per thread (kept until the process ends, a few KB): the pooled
+                                         features, then the K outputs */
 static __thread size_t tl_cap = 0;
 static __thread int tl_d = 0, tl_k = 0; /* where the last call's outputs are, and how many */
 
@@ -38,6 +39,7 @@ float dgate_gate1(const float *x, int c, int h, int w, int s, int nhwc, const fl
                   int rule)
 {
     const int bh = h / s, bw = w / s, ss = s * s, d = c * ss;
+    tl_k = 0; /* no outputs until they are complete */
     float *pooled = buffer((size_t)d + (size_t)k);
     if (!pooled)
         return NAN;

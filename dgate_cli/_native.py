@@ -4,11 +4,12 @@ One sample's gate in PyTorch is three or four small operations, and right after 
 10-40 us on a CPU (see ``runtime``): ~90 us a gate, 3-5% of a CIFAR ResNet-56 with two gates. The
 kernel does the pooling, the product, the bias and the exit score in one call (~15-30 us).
 
-It is compiled once per source and compiler into ``$DGATE_CACHE_DIR`` (default
-``$XDG_CACHE_HOME/dgate`` or ``~/.cache/dgate``) - written under a temporary name, then renamed - and
-loaded with ctypes. Where that fails (no compiler, a read-only cache, not Linux or macOS) or
-``DGATE_NATIVE=0`` is set, :func:`kernel` returns None and the runtime uses PyTorch: the same
-decisions up to float rounding. :func:`status` says which, for ``dgate bench``.
+It is compiled once per source, compiler and platform into ``$DGATE_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/dgate`` or ``~/.cache/dgate``) - written under a temporary name, then renamed -
+and loaded with ctypes (only a file owned by this user and not writable by others). Where that
+fails (no compiler, a read-only cache, not Linux or macOS) or ``DGATE_NATIVE=0`` is set,
+:func:`kernel` returns None and the runtime uses PyTorch: the same decisions up to float rounding.
+:func:`status` says which, for ``dgate bench``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,39 +64,49 @@ def _load() -> tuple[Kernel | None, str]:
         return None, "off (DGATE_NATIVE=0)"
     if sys.platform not in ("linux", "darwin"):
         return None, f"off (not built on {sys.platform})"
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        return None, f"off (no C compiler: {cc!r} not found; install one or set CC)"
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join([cc, *FLAGS, platform.machine()]).encode()).hexdigest()[:16]
+    cc = shlex.split(os.environ.get("CC") or "cc")  # CC may carry arguments ("ccache gcc")
+    if not cc or shutil.which(cc[0]) is None:
+        return None, f"off (no C compiler: {' '.join(cc)!r} not found; install one or set CC)"
     try:
-        cache = _cache_dir()
-        lib = cache / f"gate1-{digest}.so"
-        if not lib.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-            os.close(fd)
-            try:
-                done = subprocess.run(
-                    [cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120, check=False
-                )
-                if done.returncode != 0:
-                    why = (done.stderr.strip().splitlines() or ["no message"])[-1]
-                    return None, f"off ({cc} failed: {why})"
-                os.replace(tmp, lib)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        dll = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"off ({type(e).__name__}: {e})"
+        return _build(cc), "on"
+    except Exception as e:  # noqa: BLE001 - whatever goes wrong here, PyTorch does the work instead
+        return None, f"off ({e})"
+
+
+def _build(cc: list[str]) -> Kernel:
+    """Compile (once per source, compiler and platform) and load the kernel; raises with the reason."""
+    source = SOURCE.read_bytes()
+    tag = " ".join([*cc, *FLAGS, sys.platform, platform.machine()])
+    digest = hashlib.sha256(source + tag.encode()).hexdigest()[:16]
+    cache = _cache_dir()
+    lib = cache / f"gate1-{digest}.so"
+    if not lib.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            done = subprocess.run(
+                [*cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120, check=False
+            )
+            if done.returncode != 0:
+                lines = done.stderr.strip().splitlines()
+                why = next((ln for ln in lines if "error" in ln), lines[0] if lines else "no message")
+                raise RuntimeError(f"{' '.join(cc)} failed: {why.strip()[:300]}")
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    st = lib.stat()
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        raise RuntimeError(f"{lib} is not owned by this user or is writable by others; remove it")
+    dll = ctypes.CDLL(str(lib))
     gate = dll.dgate_gate1
     gate.restype = ctypes.c_float
     gate.argtypes = [ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     outputs = dll.dgate_outputs
     outputs.restype = ctypes.c_int
     outputs.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    return Kernel(gate, outputs), "on"
+    return Kernel(gate, outputs)
 
 
 def _cache_dir() -> Path:

@@ -252,7 +252,7 @@ class GatedModel(nn.Module):
         """Gate ``g``'s outputs ``(N, K)`` (float32) for stage output ``h``: the pooled features
         times the weights, plus the bias (added in float32 after the product, as the host paths
         do); for one sample on a CPU, those of the single-sample kernel (:mod:`._native`)."""
-        if h.shape[0] == 1:  # one sample on a CPU: the kernel's outputs, as the runtime uses them
+        if h.shape[0] == 1 and not (h.requires_grad and torch.is_grad_enabled()):  # the kernel's, as the runtime's
             native = self._native(g, h)
             if native is not None:
                 kernel, args, _ = native
@@ -283,23 +283,28 @@ class GatedModel(nn.Module):
 
     def _native(self, g: int, h: torch.Tensor) -> tuple[_native.Kernel, tuple, tuple] | None:
         """The single-sample kernel, its arguments after ``h``'s data pointer (``C, H, W, s, nhwc,
-        weights, bias, K``) and the tensors they point into, for gate ``g`` on one sample's stage
-        output ``h`` ``(1, C, H, W)``.
-        None (PyTorch) without the kernel, off the CPU, for other poolings than one average grid,
-        uneven windows, or an output that is not float32 and dense in NCHW or NHWC order. Cached
-        per shape, strides and dtype until the model moves or loads new weights."""
-        key = (g, h.shape, h.stride(), h.dtype)
+        weights, bias, K``) and the storages they point into, for gate ``g`` on one sample's stage
+        output ``h`` ``(1, C, H, W)``. None (PyTorch) without the kernel, off the CPU, for other
+        poolings than one average grid, uneven windows, an output that is not float32 and dense
+        in NCHW or NHWC order, or gate buffers not float32 ``(K, D)`` and ``(K,)``. Cached per
+        shape, strides, dtype and device kind until the model moves or loads new weights."""
+        key = (g, h.shape, h.stride(), h.dtype, h.is_cpu)
         entry = self._natives.get(key, False)
         if entry is not False:
             return entry
         s = self._plan(g).size  # 0: not one average grid on an NCHW output
         w, b = self.gate_weight(g), self.gate_bias(g)
-        kernel = _native.kernel() if s and h.dtype == torch.float32 and h.device.type == "cpu" else None
+        usable = s and h.is_cpu and h.dim() == 4 and h.dtype == w.dtype == b.dtype == torch.float32
+        kernel = _native.kernel() if usable else None
         if kernel is not None:
             _, c, height, width = h.shape
             nhwc = not h.is_contiguous()
             if (
-                w.shape[1] == c * s * s
+                w.is_cpu
+                and b.is_cpu
+                and w.dim() == 2
+                and w.shape[1] == c * s * s
+                and b.shape == (w.shape[0],)
                 and height % s == 0
                 and width % s == 0
                 and w.is_contiguous()
@@ -307,9 +312,16 @@ class GatedModel(nn.Module):
                 and (not nhwc or h.is_contiguous(memory_format=torch.channels_last))
             ):
                 args = (c, height, width, s, int(nhwc), w.data_ptr(), b.data_ptr(), w.shape[0])
-                entry = kernel, args, (w, b)  # the tensors keep the pointers valid
+                entry = kernel, args, (w.untyped_storage(), b.untyped_storage())  # keeps the memory alive
         self._natives[key] = entry = entry or None
         return entry
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and ``copy.deepcopy``: without the caches (the kernel's entries hold ctypes
+        functions and raw pointers into this model's buffers); a copy builds its own."""
+        state = dict(self.__dict__)
+        state["_plans"], state["_natives"] = {}, {}
+        return state
 
     def _plan(self, g: int) -> _GatePlan:
         """How gate ``g`` reads its stage output (cached until the model moves): the weights as a
@@ -700,5 +712,6 @@ _RULES = {"max": 0, "margin": 1}  # the kernel's numbers for them
 def _kernel_outputs(kernel: _native.Kernel, k: int) -> np.ndarray:
     """The ``(1, K)`` outputs of this thread's last kernel call."""
     z = np.empty((1, k), dtype=np.float32)
-    kernel.outputs(z.ctypes.data, k)
+    if kernel.outputs(z.ctypes.data, k) != k:  # the kernel could not allocate its buffer
+        raise MemoryError("the single-sample gate kernel has no outputs (out of memory?); set DGATE_NATIVE=0")
     return z

@@ -3,7 +3,9 @@ compaction (order and memory format), malloc tuning and ``bench``; no data neede
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -561,7 +563,7 @@ def test_one_sample_goes_through_the_kernel_when_the_windows_are_even(
         got = model.gate_outputs(0, h)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert torch.equal(got, model.gate_outputs(0, h))  # again, from the cached arguments
-    assert (model._natives[(0, h.shape, h.stride(), h.dtype)] is not None) == (side % 4 == 0)
+    assert (model._natives[(0, h.shape, h.stride(), h.dtype, True)] is not None) == (side % 4 == 0)
 
 
 @pytest.mark.parametrize("rule", [0, 1])
@@ -577,16 +579,22 @@ def test_the_kernel_scores_its_outputs_as_gate_scores_does(rule: int):
             w[3], b[3] = w[1], b[1]  # a tie for the largest or elsewhere
         for case in range(40):
             h = torch.randn(1, c, side, side) * 10.0 ** (case % 7 - 3)
+            bb = b.clone()
             if case == 5:
-                h[0, 2, 3, 3] = math.nan
+                h[0, 2, 3, 3] = math.nan  # every output NaN
             if case == 6:
                 h[0, 1, 1, 1] = math.inf
-            got = kernel.gate(h.data_ptr(), c, side, side, s, 0, w.data_ptr(), b.data_ptr(), k, rule)
+            if case == 7:
+                bb[k - 1] = math.nan  # one output NaN
+            got = kernel.gate(h.data_ptr(), c, side, side, s, 0, w.data_ptr(), bb.data_ptr(), k, rule)
             z = torch.from_numpy(runtime._kernel_outputs(kernel, k))
             want, _ = gate_scores(z, ["max", "margin"][rule])
-            assert struct.pack("f", got) == struct.pack("f", float(want[0])), (k, case, got, float(want[0]))
+            if math.isnan(want[0]):
+                assert math.isnan(got), (k, case, got)
+            else:
+                assert struct.pack("f", got) == struct.pack("f", float(want[0])), (k, case, got, float(want[0]))
             torch.testing.assert_close(
-                z, pool(h, Pooling((s,)), "nchw") @ w.t() + b, atol=1e-4, rtol=1e-5, equal_nan=True
+                z, pool(h, Pooling((s,)), "nchw") @ w.t() + bb, atol=1e-4, rtol=1e-5, equal_nan=True
             )
 
 
@@ -650,7 +658,7 @@ def test_half_outputs_and_other_poolings_are_scored_in_pytorch():
     with torch.inference_mode():
         half = model.gate_outputs(0, h.half())
         torch.testing.assert_close(half, reference_outputs(model, 0, h.half()), atol=1e-4, rtol=1e-4)
-        assert model._natives[(0, h.shape, h.stride(), torch.float16)] is None
+        assert model._natives[(0, h.shape, h.stride(), torch.float16, True)] is None
         mixed = make_model(Pooling((2,), ("avg", "max")), seed=6)
         torch.testing.assert_close(mixed.gate_outputs(0, h), reference_outputs(mixed, 0, h), atol=1e-5, rtol=1e-5)
     assert list(mixed._natives.values()) == [None]
@@ -664,8 +672,48 @@ def test_new_gate_weights_reach_the_single_sample_kernel():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["gate0_weight"] *= 2
     state["gate0_bias"] *= 2
-    model.load_state_dict(state)
+    model.load_state_dict(state)  # copies into the same buffers
     torch.testing.assert_close(model(x).logits, 2 * before, atol=1e-5, rtol=1e-5)
-    model.to(torch.float64).to(torch.float32)  # moving drops the cached arguments (they hold pointers)
+    state = {k: v * 3 if k.startswith("gate0") else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)  # new buffers: the cached pointers must go
+    torch.testing.assert_close(model(x).logits, 6 * before, atol=1e-5, rtol=1e-5)
+    model.to(torch.float64).to(torch.float32)  # moving drops the cached arguments too
     assert model._natives == {}
-    torch.testing.assert_close(model(x).logits, 2 * before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x).logits, 6 * before, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_that_used_the_kernel_can_be_copied_and_pickled():
+    model = make_model(Pooling((4,)))
+    x = torch.randn(1, 3, 16, 16)
+    model.set_thresholds([-math.inf, math.inf])
+    before = model(x)  # caches the kernel's arguments (ctypes functions, raw pointers)
+    twin = copy.deepcopy(model)
+    again = pickle.loads(pickle.dumps(model))
+    for m in (twin, again):
+        assert m._natives == {}
+        out = m(x)
+        assert torch.equal(out.logits, before.logits) and torch.equal(out.exit, before.exit)
+    twin.gate0_bias.add_(1.0)  # its own buffers, not the original's
+    torch.testing.assert_close(twin(x).logits, before.logits + 1.0)
+    assert torch.equal(model(x).logits, before.logits)
+
+
+def test_gate_outputs_of_one_sample_keep_gradients():
+    model = make_model(Pooling((4,)))
+    h = torch.randn(1, 8, 16, 16, requires_grad=True)
+    z = model.gate_outputs(0, h)
+    assert z.grad_fn is not None
+    z.sum().backward()
+    assert h.grad is not None and h.grad.shape == h.shape
+
+
+def test_a_compiler_given_with_arguments_builds_the_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    needs_kernel()
+    monkeypatch.setenv("DGATE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "cc -DDGATE_TEST=1")
+    _native.reset()
+    try:
+        assert _native.status() == "on"
+    finally:
+        _native.reset()
+    assert [p.name.startswith("gate1-") for p in tmp_path.iterdir()] == [True]
