@@ -6,7 +6,7 @@ kernel does the pooling, the product, the bias and the exit score in one call (~
 
 It is compiled once per source, compiler and platform into ``$DGATE_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/dgate`` or ``~/.cache/dgate``) - written under a temporary name, then renamed -
-and loaded with ctypes (only a file owned by this user and not writable by others). Where that
+and loaded with ctypes (only a file owned by this user and not writable by anyone else). Where that
 fails (no compiler, a read-only cache, not Linux or macOS) or ``DGATE_NATIVE=0`` is set,
 :func:`kernel` returns None and the runtime uses PyTorch: the same decisions up to float rounding.
 :func:`status` says which, for ``dgate bench``.
@@ -22,9 +22,10 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
+
+from ._io import atomic_path
 
 SOURCE = Path(__file__).with_name("_gate1.c")
 # fixed float32 arithmetic (no -ffast-math, no fused multiply-add contraction): the same bits on
@@ -81,24 +82,17 @@ def _build(cc: list[str]) -> Kernel:
     cache = _cache_dir()
     lib = cache / f"gate1-{digest}.so"
     if not lib.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        try:
+        with atomic_path(lib) as tmp:  # a failed or interrupted build leaves nothing behind
             done = subprocess.run(
-                [*cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120, check=False
+                [*cc, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120, check=False
             )
             if done.returncode != 0:
                 lines = done.stderr.strip().splitlines()
                 why = next((ln for ln in lines if "error" in ln), lines[0] if lines else "no message")
                 raise RuntimeError(f"{' '.join(cc)} failed: {why.strip()[:300]}")
-            os.replace(tmp, lib)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     st = lib.stat()
-    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
-        raise RuntimeError(f"{lib} is not owned by this user or is writable by others; remove it")
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o002):
+        raise RuntimeError(f"{lib} is not owned by this user or is world-writable; remove it")
     dll = ctypes.CDLL(str(lib))
     gate = dll.dgate_gate1
     gate.restype = ctypes.c_float

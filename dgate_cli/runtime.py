@@ -369,8 +369,7 @@ class GatedModel(nn.Module):
             z = self._leaves_one(g, h)
             if z is not None:
                 return _assemble_host(1, [(g, None, z)], x.device)
-        out = stages[-1](h).float()
-        return GatedOutput(out, out.argmax(1), torch.full((1,), len(thresholds), dtype=torch.long, device=out.device))
+        return _at_head(stages[-1](h).float(), len(thresholds))
 
     def _leaves_one(self, g: int, h: torch.Tensor) -> np.ndarray | None:
         """Whether one sample leaves at gate ``g``: its ``(1, K)`` float32 outputs if so, else None.
@@ -388,7 +387,7 @@ class GatedModel(nn.Module):
     def _forward_host(self, x: torch.Tensor) -> GatedOutput:
         """Exit decisions on the host (a CPU batch): each open gate's ``(N, K)`` outputs are
         viewed as a NumPy array and scored there, with the float32 rounding of :func:`gate_scores`;
-        a last sample's are read as a Python list, as in :meth:`_forward_one`. Classes are found
+        a last sample is decided as a single input is (:meth:`_leaves_one`). Classes are found
         once, for everyone, at the end.
 
         Every distinct operation here is paid for twice on a CPU: a stage's kernels push the
@@ -430,9 +429,7 @@ class GatedModel(nn.Module):
             h = _rows(h, torch.from_numpy(stay))
         out = stages[-1](h).float()
         if alive is None:  # nobody left early
-            return GatedOutput(
-                out, out.argmax(1), torch.full((n,), self.num_gates, dtype=torch.long, device=out.device)
-            )
+            return _at_head(out, self.num_gates)
         done.append((self.num_gates, alive, out.cpu().numpy()))
         return _assemble_host(n, done, x.device)
 
@@ -534,7 +531,7 @@ class GatedModel(nn.Module):
                 h = stages[g](h)
                 if g == last:
                     out = h.float()
-                    yield index, GatedOutput(out, out.argmax(1), torch.full_like(index, last))
+                    yield index, _at_head(out, last)
                     continue
                 if self._thresholds[g] < math.inf:
                     z = self.gate_outputs(g, h)
@@ -607,6 +604,11 @@ def _chain(stages: nn.ModuleList, channels_last: bool, x: torch.Tensor) -> torch
     for stage in stages:
         x = stage(x)
     return x.float()
+
+
+def _at_head(out: torch.Tensor, head: int) -> GatedOutput:
+    """Everyone's result at the backbone's head (exit index ``head``) from its float32 logits."""
+    return GatedOutput(out, out.argmax(1), torch.full((out.shape[0],), head, dtype=torch.long, device=out.device))
 
 
 def _f32(v: float) -> float:

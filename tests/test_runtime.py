@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import pickle
 import struct
 import sys
@@ -717,3 +718,23 @@ def test_a_compiler_given_with_arguments_builds_the_kernel(monkeypatch: pytest.M
     finally:
         _native.reset()
     assert [p.name.startswith("gate1-") for p in tmp_path.iterdir()] == [True]
+
+
+def test_the_kernel_builds_under_a_group_umask_and_a_world_writable_one_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+):
+    needs_kernel()
+    monkeypatch.setenv("DGATE_CACHE_DIR", str(tmp_path))
+    old = os.umask(0o002)  # user-private-group systems: new files are group-writable
+    try:
+        _native.reset()
+        assert _native.status() == "on"
+    finally:
+        os.umask(old)
+        _native.reset()
+    (lib,) = tmp_path.iterdir()
+    lib.chmod(0o666)  # anyone could have replaced it
+    try:
+        assert _native.status() == f"off ({lib} is not owned by this user or is world-writable; remove it)"
+    finally:
+        _native.reset()
