@@ -1,12 +1,15 @@
-"""The single-sample gate kernel (``_gate1.c``): built with the system C compiler on first use.
+"""The gate kernel (``_gates.c``): built with the system C compiler on first use.
 
-One sample's gate in PyTorch is three or four small operations, and right after a stage each costs
-10-40 us on a CPU (see ``runtime``): ~90 us a gate, 3-5% of a CIFAR ResNet-56 with two gates. The
-kernel does the pooling, the product, the bias and the exit score in one call (~15-30 us).
+A gate in PyTorch is three to six small operations (pool, product, bias, score, compare, nonzero),
+and right after a stage each costs 10-40 us on a CPU (see ``runtime``): ~90 us a gate for one
+sample, ~170-280 us for a batch of 32 CIFAR images, 4-6% of a ResNet-56 with nine gates. The kernel
+does the pooling, the product, the bias, the exit score and the comparison with the threshold in
+one call: ~10-30 us for one sample, ~90-180 us for 32 (most of it reading the stage output).
 
-It is compiled once per source, compiler and platform into ``$DGATE_CACHE_DIR`` (default
+It is compiled once per source, compiler, Python and platform into ``$DGATE_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/dgate`` or ``~/.cache/dgate``) - written under a temporary name, then renamed -
-and loaded with ctypes (only a file owned by this user and not writable by anyone else). Where that
+and loaded as a CPython extension module, or with ctypes where Python's headers are missing (only
+a file owned by this user and not writable by anyone else). Where that
 fails (no compiler, a read-only cache, not Linux or macOS) or ``DGATE_NATIVE=0`` is set,
 :func:`kernel` returns None and the runtime uses PyTorch: the same decisions up to float rounding.
 :func:`status` says which, for ``dgate bench``.
@@ -16,26 +19,66 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import platform
 import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import NamedTuple
 
 from ._io import atomic_path
 
-SOURCE = Path(__file__).with_name("_gate1.c")
+SOURCE = Path(__file__).with_name("_gates.c")
 # fixed float32 arithmetic (no -ffast-math, no fused multiply-add contraction): the same bits on
-# every build, so gate_outputs and the runtime, which both call the kernel, agree exactly
-FLAGS = ["-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
+# every build and instruction set, so gate_outputs and the runtime, which both call the kernel,
+# agree exactly; -O3 vectorises the pooling loops
+FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
 
 
 class Kernel(NamedTuple):
-    gate: ctypes._CFuncPtr  # float dgate_gate1(x, c, h, w, s, nhwc, weights, bias, k, rule)
-    outputs: ctypes._CFuncPtr  # int dgate_outputs(dst, k)
+    gate: ctypes._CFuncPtr  # float dgate_gate1(x, params): one sample's exit score
+    outputs: ctypes._CFuncPtr  # int dgate_outputs(dst, k): the k outputs of this thread's last gate() call
+    gates: ctypes._CFuncPtr  # int dgate_gates(x, n, params, threshold, z, leave): outputs, who leaves, how many
+
+
+class _Params(ctypes.Structure):  # struct dgate_gate
+    _fields_ = [
+        ("wt", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        *[(name, ctypes.c_int) for name in ("c", "h", "w", "s", "nhwc", "k", "rule")],
+    ]
+
+
+class Gate(NamedTuple):
+    """One gate bound to the kernel for one stage output shape and layout.
+
+    ``one(x, address)`` scores one sample at data pointer ``x`` (its outputs then go through
+    :func:`outputs`); ``many(x, n, address, threshold, z, leave)`` fills ``z`` ``(n, k)`` float32
+    and ``leave`` ``(n,)`` bytes and returns how many leave (-1: out of memory). Two and six
+    arguments: ctypes converts each one, ~1 us apiece right after a stage."""
+
+    one: ctypes._CFuncPtr
+    many: ctypes._CFuncPtr
+    outputs: ctypes._CFuncPtr
+    address: int  # of the parameters
+    k: int
+    keep: tuple  # the parameters and the storages they point into: alive as long as this is
+
+
+def bind(kernel: Kernel, weight, bias, shape: tuple[int, int, int], s: int, nhwc: bool, rule: int) -> Gate:
+    """Bind gate weights (a dense float32 CPU tensor ``(k, s*s*C)`` in ``(s, s, C)`` order), bias
+    (``(k,)``) and exit rule (0: max, 1: margin) to stage outputs of ``shape`` ``(C, H, W)``
+    (``H`` and ``W`` multiples of ``s``), dense in NCHW or (``nhwc``) NHWC order. The caller checks
+    these: the kernel reads raw memory."""
+    c, h, w = shape
+    params = _Params(weight.data_ptr(), bias.data_ptr(), c, h, w, s, int(nhwc), weight.shape[0], rule)
+    keep = (params, weight.untyped_storage(), bias.untyped_storage())
+    return Gate(kernel.gate, kernel.gates, kernel.outputs, ctypes.addressof(params), weight.shape[0], keep)
 
 
 _state: dict[str, object] = {}  # "kernel": Kernel | None, "status": str
@@ -50,7 +93,8 @@ def kernel() -> Kernel | None:
 
 
 def status() -> str:
-    """``on``, or ``off (why)``: whether single samples use the kernel in this process."""
+    """``on``, ``on (through ctypes: why)`` or ``off (why)``: whether the gates use the kernel in
+    this process, and how it is called."""
     kernel()
     return str(_state["status"])
 
@@ -69,22 +113,29 @@ def _load() -> tuple[Kernel | None, str]:
     if not cc or shutil.which(cc[0]) is None:
         return None, f"off (no C compiler: {' '.join(cc)!r} not found; install one or set CC)"
     try:
-        return _build(cc), "on"
+        return _build(cc)
     except Exception as e:  # noqa: BLE001 - whatever goes wrong here, PyTorch does the work instead
         return None, f"off ({e})"
 
 
-def _build(cc: list[str]) -> Kernel:
-    """Compile (once per source, compiler and platform) and load the kernel; raises with the reason."""
-    source = SOURCE.read_bytes()
-    tag = " ".join([*cc, *FLAGS, sys.platform, platform.machine()])
-    digest = hashlib.sha256(source + tag.encode()).hexdigest()[:16]
-    cache = _cache_dir()
-    lib = cache / f"gate1-{digest}.so"
+def _build(cc: list[str]) -> tuple[Kernel, str]:
+    """Compile (once per source, compiler, flags and platform) and load the kernel: as a CPython
+    extension module where Python's headers are, else as a plain library through ctypes (each call
+    ~5-10 us dearer right after a stage). Raises with the reason."""
+    include = sysconfig.get_paths().get("include") or ""
+    extension = bool(include) and Path(include, "Python.h").is_file()
+    flags = list(FLAGS)
+    if extension:
+        flags += ["-DDGATE_PYTHON", f"-I{include}"]
+        if sys.platform == "darwin":  # the interpreter's symbols are found when the module loads
+            flags += ["-undefined", "dynamic_lookup"]
+    tag = " ".join([*cc, *flags, sys.platform, platform.machine(), sys.implementation.cache_tag or ""])
+    digest = hashlib.sha256(SOURCE.read_bytes() + tag.encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"gates-{digest}.so"
     if not lib.exists():
         with atomic_path(lib) as tmp:  # a failed or interrupted build leaves nothing behind
             done = subprocess.run(
-                [*cc, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120, check=False
+                [*cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120, check=False
             )
             if done.returncode != 0:
                 lines = done.stderr.strip().splitlines()
@@ -93,14 +144,23 @@ def _build(cc: list[str]) -> Kernel:
     st = lib.stat()
     if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o002):
         raise RuntimeError(f"{lib} is not owned by this user or is world-writable; remove it")
+    if extension:
+        loader = importlib.machinery.ExtensionFileLoader("_dgate_gates", str(lib))
+        spec = importlib.util.spec_from_file_location("_dgate_gates", str(lib), loader=loader)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        loader.exec_module(module)
+        return Kernel(module.gate, module.outputs, module.gates), "on"
     dll = ctypes.CDLL(str(lib))
     gate = dll.dgate_gate1
     gate.restype = ctypes.c_float
-    gate.argtypes = [ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    gate.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     outputs = dll.dgate_outputs
     outputs.restype = ctypes.c_int
     outputs.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    return Kernel(gate, outputs)
+    gates = dll.dgate_gates
+    gates.restype = ctypes.c_int
+    gates.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+    return Kernel(gate, outputs, gates), f"on (through ctypes: no Python.h in {include!r})"
 
 
 def _cache_dir() -> Path:

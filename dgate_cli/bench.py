@@ -312,5 +312,5 @@ def _machine(device: torch.device) -> str:
 
     return (
         f"{platform.node()} {platform.machine()}, {describe(torch.device('cpu'))}, malloc {malloc_state()},"
-        f" single-sample gate kernel {_native.status()}"
+        f" gate kernel {_native.status()}"
     )

@@ -5,15 +5,16 @@ are set aside and removed from the batch (the survivors are indexed out, keeping
 format), so no later stage runs for them; the results are put back in input order at the end.
 Closed gates (threshold ``inf``) are skipped entirely, at no cost.
 
-A gate is one pooling and one small matrix product. For one average grid the pooled tensor is read
-in its memory order (no copy) against the gate's weights, kept in both orders. On a CPU the exit
-decision is made on the host: on a NumPy view of the gate's ``(N, K)`` products for a batch, with
-the bias added there and the float32 rounding of :func:`gate_scores`, so that host and device paths
-give the same bits. A single sample's gate is one call of a small C kernel (:mod:`._native`: pool,
-product, bias and score; ``gate_outputs`` uses it too), or, without one, its outputs read as a
-Python list. Few operations per gate is the point: right after a stage every small operation costs
-10-40 us on a CPU (the stage has evicted the caches), whatever its size. On a GPU the decision stays
-on the device, with one host synchronisation per open gate to learn how many samples remain.
+A gate is one pooling and one small matrix product. On a CPU, for one average grid of even windows,
+a gate is one call of a small C kernel (:mod:`._native`: pooling, product, bias, exit score and the
+comparison with the threshold, for one sample or a batch; ``gate_outputs`` calls it too, so host
+and device paths give the same bits). Without it the exit decision is still made on the host: on a
+NumPy view of the gate's ``(N, K)`` products for a batch (the pooled tensor read in its memory
+order against the weights, kept in both orders), with the bias added there and the float32
+rounding of :func:`gate_scores`; a single sample's outputs are read as a Python list. Few
+operations per gate is the point: right after a stage every small operation costs 10-40 us on a
+CPU (the stage has evicted the caches), whatever its size. On a GPU the decision stays on the
+device, with one host synchronisation per open gate to learn how many samples remain.
 
 :meth:`GatedModel.stream` is the throughput mode: survivors wait in a queue per stage until a full
 batch of them (from several input batches) is there, so the deep stages do not run on remnants.
@@ -137,7 +138,8 @@ class GatedModel(nn.Module):
         self._thresholds: list[float] = []
         self._t32: list[float] = []  # the thresholds rounded to float32, as a device compares them
         self._plans: dict[int, _GatePlan] = {}  # per gate, see _plan
-        self._natives: dict[tuple, tuple | None] = {}  # per gate and stage output layout, see _native
+        self._natives: dict[tuple, _native.Gate | None] = {}  # per gate and stage output layout, see _native
+        self._routes: dict[tuple, list] = {}  # per single-input signature, see _forward_one
         self.set_thresholds(thresholds)
         self.eval()
 
@@ -145,7 +147,7 @@ class GatedModel(nn.Module):
         """``.to()``, ``.cuda()``, ``.half()``: drop the cached gate plans (they hold the old tensors)
         and keep the gates in float32 on the new device - their scores are float32 by design, and
         ``model.half()`` (or bfloat16) then runs the stages in half precision with the gates exact."""
-        self._plans, self._natives = {}, {}
+        self._plans, self._natives, self._routes = {}, {}, {}
         gates = {k: v for k, v in self._buffers.items() if k.startswith("gate") and v is not None}
         out = super()._apply(fn, recurse)
         for k, before in gates.items():
@@ -155,7 +157,7 @@ class GatedModel(nn.Module):
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):  # new gate weights: the plans hold copies of the old
-        self._plans, self._natives = {}, {}
+        self._plans, self._natives, self._routes = {}, {}, {}
         super()._load_from_state_dict(*args, **kwargs)
 
     @property
@@ -251,13 +253,13 @@ class GatedModel(nn.Module):
     def gate_outputs(self, g: int, h: torch.Tensor) -> torch.Tensor:
         """Gate ``g``'s outputs ``(N, K)`` (float32) for stage output ``h``: the pooled features
         times the weights, plus the bias (added in float32 after the product, as the host paths
-        do); for one sample on a CPU, those of the single-sample kernel (:mod:`._native`)."""
-        if h.shape[0] == 1 and not (h.requires_grad and torch.is_grad_enabled()):  # the kernel's, as the runtime's
+        do); on a CPU, where it applies, those of the gate kernel (:mod:`._native`), as the
+        runtime's."""
+        if not (h.requires_grad and torch.is_grad_enabled()):
             native = self._native(g, h)
             if native is not None:
-                kernel, args, _ = native
-                kernel.gate(h.data_ptr(), *args, 0)
-                return torch.from_numpy(_kernel_outputs(kernel, args[-1]))
+                z, _ = _kernel_gates(native, h, math.inf)
+                return torch.from_numpy(z)
         return self._gate_product(g, h).add_(self._plan(g).bias)
 
     def _gate_product(self, g: int, h: torch.Tensor) -> torch.Tensor:
@@ -281,20 +283,29 @@ class GatedModel(nn.Module):
             f = f.float()
         return torch.mm(f, plan.weight_t)
 
-    def _native(self, g: int, h: torch.Tensor) -> tuple[_native.Kernel, tuple, tuple] | None:
-        """The single-sample kernel, its arguments after ``h``'s data pointer (``C, H, W, s, nhwc,
-        weights, bias, K``) and the storages they point into, for gate ``g`` on one sample's stage
-        output ``h`` ``(1, C, H, W)``. None (PyTorch) without the kernel, off the CPU, for other
+    def _native(self, g: int, h: torch.Tensor) -> _native.Gate | None:
+        """Gate ``g`` bound to the gate kernel for stage output ``h`` ``(N, C, H, W)`` and the
+        exit rule. None (PyTorch) without the kernel, off the CPU, for other
         poolings than one average grid, uneven windows, an output that is not float32 and dense
-        in NCHW or NHWC order, or gate buffers not float32 ``(K, D)`` and ``(K,)``. Cached per
-        shape, strides, dtype and device kind until the model moves or loads new weights."""
-        key = (g, h.shape, h.stride(), h.dtype, h.is_cpu)
+        in NCHW or NHWC order, gate buffers not float32 ``(K, D)`` and ``(K,)``, or a batch of
+        more than ``_KERNEL_BATCH`` values (the kernel runs on one thread; PyTorch pools a large
+        batch on all of them). Cached per shape, strides, dtype and device kind until the model
+        moves or loads new weights."""
+        key = (g, h.shape, h.stride(), h.dtype, h.is_cpu, self.score)
         entry = self._natives.get(key, False)
         if entry is not False:
             return entry
-        s = self._plan(g).size  # 0: not one average grid on an NCHW output
-        w, b = self.gate_weight(g), self.gate_bias(g)
-        usable = s and h.is_cpu and h.dim() == 4 and h.dtype == w.dtype == b.dtype == torch.float32
+        plan = self._plan(g)
+        s = plan.size  # 0: not one average grid on an NCHW output
+        w, b = plan.weight_t.t(), self.gate_bias(g)  # (K, D) in (s, s, C) order, the kernel's
+        usable = (
+            s
+            and h.is_cpu
+            and h.dim() == 4
+            and (h.shape[0] == 1 or h.numel() <= _KERNEL_BATCH)
+            and h.dtype == w.dtype == b.dtype == torch.float32
+            and self.score in _RULES
+        )
         kernel = _native.kernel() if usable else None
         if kernel is not None:
             _, c, height, width = h.shape
@@ -302,7 +313,6 @@ class GatedModel(nn.Module):
             if (
                 w.is_cpu
                 and b.is_cpu
-                and w.dim() == 2
                 and w.shape[1] == c * s * s
                 and b.shape == (w.shape[0],)
                 and height % s == 0
@@ -311,8 +321,7 @@ class GatedModel(nn.Module):
                 and b.is_contiguous()
                 and (not nhwc or h.is_contiguous(memory_format=torch.channels_last))
             ):
-                args = (c, height, width, s, int(nhwc), w.data_ptr(), b.data_ptr(), w.shape[0])
-                entry = kernel, args, (w.untyped_storage(), b.untyped_storage())  # keeps the memory alive
+                entry = _native.bind(kernel, w, b, (c, height, width), s, nhwc, _RULES[self.score])
         self._natives[key] = entry = entry or None
         return entry
 
@@ -320,7 +329,7 @@ class GatedModel(nn.Module):
         """Pickling and ``copy.deepcopy``: without the caches (the kernel's entries hold ctypes
         functions and raw pointers into this model's buffers); a copy builds its own."""
         state = dict(self.__dict__)
-        state["_plans"], state["_natives"] = {}, {}
+        state["_plans"], state["_natives"], state["_routes"] = {}, {}, {}
         return state
 
     def _plan(self, g: int) -> _GatePlan:
@@ -358,29 +367,44 @@ class GatedModel(nn.Module):
         return self._forward_device(x)
 
     def _forward_one(self, x: torch.Tensor) -> GatedOutput:
-        """One sample (on any device): each open gate decided by :meth:`_leaves_one`, nothing else."""
-        stages = list(self.stages)  # ModuleList[g] costs ~13 us a call on a small CPU
-        thresholds = self._thresholds
+        """One sample (on any device): each open gate decided by the kernel where it applies, else
+        by :meth:`_leaves_one`, nothing else.
+
+        Kept lean: at batch size 1 on a CPU every line here runs cold after its stage, ~1-6 us
+        apiece (measured), against 200-700 us a stage. So the kernel bindings are looked up once
+        per input signature and stage modules (a *route*), not per gate from each stage output's
+        shape: the same modules give the same output layouts for the same input layout."""
+        stages = tuple(self.stages)  # ModuleList[g] costs ~13 us a call on a small CPU
+        thresholds, t32 = self._thresholds, self._t32
+        key = (x.shape, x.stride(), x.dtype, x.device, self.score, stages)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._routes[key] = [False] * len(thresholds)  # False: not bound yet
         h = x
         for g in range(len(thresholds)):
             h = stages[g](h)
             if thresholds[g] == math.inf:  # closed
                 continue
-            z = self._leaves_one(g, h)
+            native = route[g]
+            if native is False:
+                native = route[g] = self._native(g, h)
+            if native is None:
+                z = self._leaves_one(g, h)
+            elif native.one(h.data_ptr(), native.address) >= t32[g]:
+                z = _kernel_outputs(native)
+            else:
+                continue
             if z is not None:
                 return _assemble_host(1, [(g, None, z)], x.device)
         return _at_head(stages[-1](h).float(), len(thresholds))
 
     def _leaves_one(self, g: int, h: torch.Tensor) -> np.ndarray | None:
         """Whether one sample leaves at gate ``g``: its ``(1, K)`` float32 outputs if so, else None.
-        Through the single-sample kernel on a CPU; else its outputs read as a Python list with the
+        Through the gate kernel on a CPU; else its outputs read as a Python list with the
         bias added there, scored by the float32 rule of :func:`gate_scores`."""
         native = self._native(g, h)
         if native is not None:
-            kernel, args, _ = native
-            if kernel.gate(h.data_ptr(), *args, _RULES[self.score]) >= self._t32[g]:
-                return _kernel_outputs(kernel, args[-1])
-            return None
+            return _kernel_outputs(native) if native.one(h.data_ptr(), native.address) >= self._t32[g] else None
         row = [v + b for v, b in zip(self._gate_product(g, h).tolist()[0], self._plan(g).bias_list, strict=True)]
         return np.array([row], dtype=np.float32) if _LIST_SCORES[self.score](row) >= self._t32[g] else None
 
@@ -411,9 +435,13 @@ class GatedModel(nn.Module):
                     done.append((g, np.arange(n) if alive is None else alive, z1))
                     return _assemble_host(n, done, x.device)
                 continue
-            z = self._gate_product(g, h).numpy()  # we are on a CPU
-            z += self._plan(g).bias_np  # in place, in float32, as gate_outputs adds it
-            leave = self._host_leave(g, z)
+            native = self._native(g, h)
+            if native is not None:  # one call: outputs and who leaves
+                z, leave = _kernel_gates(native, h, self._t32[g])
+            else:
+                z = self._gate_product(g, h).numpy()  # we are on a CPU
+                z += self._plan(g).bias_np  # in place, in float32, as gate_outputs adds it
+                leave = self._host_leave(g, z)
             gone = leave.nonzero()[0]
             if gone.size == 0:
                 continue
@@ -711,9 +739,25 @@ _LIST_SCORES = {"max": _list_max, "margin": _list_margin}
 _RULES = {"max": 0, "margin": 1}  # the kernel's numbers for them
 
 
-def _kernel_outputs(kernel: _native.Kernel, k: int) -> np.ndarray:
-    """The ``(1, K)`` outputs of this thread's last kernel call."""
-    z = np.empty((1, k), dtype=np.float32)
-    if kernel.outputs(z.ctypes.data, k) != k:  # the kernel could not allocate its buffer
-        raise MemoryError("the single-sample gate kernel has no outputs (out of memory?); set DGATE_NATIVE=0")
+# the most values (N * C * H * W) of a batch the gate kernel pools (on one thread): 4 MB, a batch of
+# 32 CIFAR images after a ResNet's first stage; beyond, PyTorch pools on all threads
+_KERNEL_BATCH = 1 << 20
+
+
+def _kernel_gates(native: _native.Gate, h: torch.Tensor, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """The gate kernel on a batch ``h``: its ``(N, K)`` float32 outputs and a boolean mask of the
+    rows whose score is at least ``t`` (float32)."""
+    n = h.shape[0]
+    z = np.empty((n, native.k), dtype=np.float32)
+    leave = np.empty(n, dtype=np.bool_)  # one byte each, 0 or 1: the kernel's unsigned chars
+    if native.many(h.data_ptr(), n, native.address, t, z.ctypes.data, leave.ctypes.data) < 0:
+        raise MemoryError("the gate kernel could not allocate its buffer (out of memory?); set DGATE_NATIVE=0")
+    return z, leave
+
+
+def _kernel_outputs(native: _native.Gate) -> np.ndarray:
+    """The ``(1, K)`` outputs of this thread's last single-sample kernel call."""
+    z = np.empty((1, native.k), dtype=np.float32)
+    if native.outputs(z.ctypes.data, native.k) != native.k:  # the kernel could not allocate its buffer
+        raise MemoryError("the gate kernel has no outputs (out of memory?); set DGATE_NATIVE=0")
     return z

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dgate_cli import _malloc, _native, runtime
@@ -499,7 +500,7 @@ def test_bench_times_both_and_reports_what_it_saw():
     keys = {"batch_size", "backbone_ms", "gated_ms", "speedup", "ideal_speedup", "flops_ratio", "accuracy"}
     assert keys | {"backbone_accuracy", "device", "machine", "torch"} <= listed[0].keys()
     assert f"malloc {_malloc.malloc_state()}" in listed[0]["machine"]
-    assert listed[0]["machine"].endswith(f"single-sample gate kernel {_native.status()}")
+    assert listed[0]["machine"].endswith(f", gate kernel {_native.status()}")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt tuning is glibc/Linux only")
@@ -539,7 +540,7 @@ def test_moving_the_model_drops_the_cached_gate_plans():
 
 def needs_kernel() -> None:
     if _native.kernel() is None:
-        pytest.skip(f"the single-sample kernel is {_native.status()}")
+        pytest.skip(f"the gate kernel is {_native.status()}")
 
 
 def no_pooling(*args, **kwargs):
@@ -564,11 +565,14 @@ def test_one_sample_goes_through_the_kernel_when_the_windows_are_even(
         got = model.gate_outputs(0, h)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert torch.equal(got, model.gate_outputs(0, h))  # again, from the cached arguments
-    assert (model._natives[(0, h.shape, h.stride(), h.dtype, True)] is not None) == (side % 4 == 0)
+    assert (model._native(0, h) is not None) == (side % 4 == 0)
 
 
 @pytest.mark.parametrize("rule", [0, 1])
 def test_the_kernel_scores_its_outputs_as_gate_scores_does(rule: int):
+    # one sample at a time (score; outputs kept for dgate_outputs) and the same samples as a batch
+    # (outputs and who leaves): the same bits, scored as gate_scores scores, and equal to pooling
+    # then the linear layer (weights in (s, s, C) order) up to float rounding
     needs_kernel()
     kernel = _native.kernel()
     torch.manual_seed(7)
@@ -578,25 +582,32 @@ def test_the_kernel_scores_its_outputs_as_gate_scores_does(rule: int):
         b = torch.randn(k)
         if k == 5:
             w[3], b[3] = w[1], b[1]  # a tie for the largest or elsewhere
-        for case in range(40):
-            h = torch.randn(1, c, side, side) * 10.0 ** (case % 7 - 3)
-            bb = b.clone()
-            if case == 5:
-                h[0, 2, 3, 3] = math.nan  # every output NaN
-            if case == 6:
-                h[0, 1, 1, 1] = math.inf
-            if case == 7:
-                bb[k - 1] = math.nan  # one output NaN
-            got = kernel.gate(h.data_ptr(), c, side, side, s, 0, w.data_ptr(), bb.data_ptr(), k, rule)
-            z = torch.from_numpy(runtime._kernel_outputs(kernel, k))
+        hs = torch.randn(40, c, side, side) * 10.0 ** (torch.arange(40) % 7 - 3).view(-1, 1, 1, 1)
+        hs[5, 2, 3, 3] = math.nan  # every output NaN
+        hs[6, 1, 1, 1] = math.inf
+        b_nan = b.clone()
+        b_nan[k - 1] = math.nan  # one output NaN
+        for bias in (b, b_nan):
+            gate = _native.bind(kernel, w, bias, (c, side, side), s, False, rule)
+            singles, scores = [], []
+            for h in hs:
+                scores.append(gate.one(h.data_ptr(), gate.address))
+                singles.append(runtime._kernel_outputs(gate))
+            z = torch.from_numpy(np.concatenate(singles))
             want, _ = gate_scores(z, ["max", "margin"][rule])
-            if math.isnan(want[0]):
-                assert math.isnan(got), (k, case, got)
-            else:
-                assert struct.pack("f", got) == struct.pack("f", float(want[0])), (k, case, got, float(want[0]))
-            torch.testing.assert_close(
-                z, pool(h, Pooling((s,)), "nchw") @ w.t() + bb, atol=1e-4, rtol=1e-5, equal_nan=True
-            )
+            for got, wanted in zip(scores, want.tolist(), strict=True):
+                if math.isnan(wanted):
+                    assert math.isnan(got), (k, got)
+                else:
+                    assert struct.pack("f", got) == struct.pack("f", wanted), (k, got, wanted)
+            features = F.adaptive_avg_pool2d(hs, s).permute(0, 2, 3, 1).flatten(1)  # the kernel's (s, s, C) order
+            torch.testing.assert_close(z, features @ w.t() + bias, atol=1e-4, rtol=1e-5, equal_nan=True)
+            scored = want[~want.isnan()]  # NaN never leaves
+            t = float(scored.median()) if scored.numel() else 0.0
+            batch, leave = runtime._kernel_gates(gate, hs, t)
+            assert np.array_equal(batch, z.numpy(), equal_nan=True)
+            assert leave.tolist() == (want >= t).tolist()
+            assert leave.sum() >= (scored.numel() + 1) // 2  # half of the scored rows at least
 
 
 def test_without_the_kernel_single_samples_are_decided_in_pytorch(monkeypatch: pytest.MonkeyPatch, tmp_path):
@@ -614,16 +625,87 @@ def test_without_the_kernel_single_samples_are_decided_in_pytorch(monkeypatch: p
         _native.reset()
         model = model.to(torch.float32)  # drops the cached kernel arguments
         outs[setting] = [model(x[i : i + 1]) for i in range(32)], _native.status()
+        outs[setting] += (model(x),)  # the batch path, with the kernel or without
     _native.reset()
     assert outs["off"][1] == "off (DGATE_NATIVE=0)"
     assert outs["no cc"][1] == "off (no C compiler: 'no-such-cc' not found; install one or set CC)"
-    big = model(x)
-    for setting, (singles, _) in outs.items():
+    big = outs["off"][2]
+    for setting, (singles, _, batch) in outs.items():
         assert torch.equal(torch.cat([o.exit for o in singles]), big.exit), setting
+        assert torch.equal(batch.exit, big.exit), setting
         torch.testing.assert_close(torch.cat([o.logits for o in singles]), big.logits, atol=1e-4, rtol=1e-4)
     if outs["on"][1] == "on":  # built into the cache directory, under its final name only
         files = list(tmp_path.iterdir())
-        assert len(files) == 1 and files[0].name.startswith("gate1-") and files[0].suffix == ".so"
+        assert len(files) == 1 and files[0].name.startswith("gates-") and files[0].suffix == ".so"
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_a_batch_goes_through_the_kernel_up_to_its_size_limit(channels_last: bool, monkeypatch: pytest.MonkeyPatch):
+    # a batch's gates: one kernel call each (no PyTorch pooling), each row the bits of that sample
+    # alone; beyond _KERNEL_BATCH values a batch is pooled in PyTorch (on every thread), one sample never
+    needs_kernel()
+    model = make_model(Pooling((4,)), channels_last, seed=9)
+    x = torch.randn(6, 3, 16, 16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        h = model.stages[0](x)
+        want = reference_outputs(model, 0, h)
+        monkeypatch.setattr(runtime, "_adaptive_avg_pool2d", no_pooling)
+        got = model.gate_outputs(0, h)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        alone = torch.cat([model.gate_outputs(0, h[i : i + 1]) for i in range(6)])  # dense slices
+        assert torch.equal(got, alone)
+        model.set_thresholds([midway(gate_scores(got, "margin")[0], 0.5), math.inf])
+        out = model(x)  # the host batch path, no PyTorch pooling either
+        assert out.exit.tolist() == [0 if v else 2 for v in (gate_scores(got, "margin")[0] >= model._t32[0]).tolist()]
+        monkeypatch.undo()
+        monkeypatch.setattr(runtime, "_KERNEL_BATCH", h.numel() - 1)
+        model = model.to(torch.float32)  # drops the bindings
+        assert model._native(0, h) is None
+        assert model._native(0, h[:1]) is not None
+        torch.testing.assert_close(model.gate_outputs(0, h), want, atol=1e-5, rtol=1e-5)
+
+
+def test_without_python_headers_the_kernel_is_called_through_ctypes(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    # the same library, loaded with ctypes instead of as an extension module: the same bits
+    needs_kernel()
+    model = make_model(Pooling((4,)), seed=10)
+    x = torch.randn(5, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        h, h1 = model.stages[0](x), model.stages[0](x[:1])  # (batch 1 convolves with other kernels)
+        ext = model.gate_outputs(0, h), model.gate_outputs(0, h1)
+        monkeypatch.setenv("DGATE_CACHE_DIR", str(tmp_path))
+        monkeypatch.setattr(_native.sysconfig, "get_paths", lambda: {"include": str(tmp_path / "nowhere")})
+        _native.reset()
+        try:
+            model = model.to(torch.float32)
+            assert _native.status() == f"on (through ctypes: no Python.h in {str(tmp_path / 'nowhere')!r})"
+            assert torch.equal(model.gate_outputs(0, h), ext[0])
+            assert torch.equal(model.gate_outputs(0, h1), ext[1])
+            model.set_thresholds([-math.inf, math.inf])  # everyone leaves at gate 0: the single-sample call
+            assert torch.equal(model(x[:1]).logits, ext[1])
+        finally:
+            _native.reset()
+
+
+def test_single_inputs_of_another_layout_take_their_own_route():
+    # the kernel bindings of the single-sample path are kept per input signature: an NCHW and a
+    # channels-last input (a model that keeps what it is given) each get theirs, and .to() drops them
+    needs_kernel()
+    model = make_model(Pooling((4,)), channels_last=False, seed=11)
+    x = torch.randn(1, 3, 16, 16)
+    model.set_thresholds([math.inf, math.inf])
+    with torch.inference_mode():
+        ref = model.stages[2](model.stages[1](model.stages[0](x)))
+        model.set_thresholds([1e30, 1e30])  # open, nobody leaves: both gates scored
+        for inp in (x, x.contiguous(memory_format=torch.channels_last), x):
+            torch.testing.assert_close(model(inp).logits, ref, atol=1e-5, rtol=1e-5)
+        assert len(model._routes) == 2
+        layouts = {key[1] == x.stride(): [gate.keep[0].nhwc for gate in route] for key, route in model._routes.items()}
+        assert layouts == {True: [0, 0], False: [1, 1]}  # NCHW input: NCHW stage outputs; channels-last: NHWC
+        model = model.to(torch.float32)
+        assert model._routes == {}
 
 
 def test_a_failing_compiler_leaves_the_kernel_off_and_no_file(monkeypatch: pytest.MonkeyPatch, tmp_path):
@@ -659,7 +741,7 @@ def test_half_outputs_and_other_poolings_are_scored_in_pytorch():
     with torch.inference_mode():
         half = model.gate_outputs(0, h.half())
         torch.testing.assert_close(half, reference_outputs(model, 0, h.half()), atol=1e-4, rtol=1e-4)
-        assert model._natives[(0, h.shape, h.stride(), torch.float16, True)] is None
+        assert model._native(0, h.half()) is None
         mixed = make_model(Pooling((2,), ("avg", "max")), seed=6)
         torch.testing.assert_close(mixed.gate_outputs(0, h), reference_outputs(mixed, 0, h), atol=1e-5, rtol=1e-5)
     assert list(mixed._natives.values()) == [None]
@@ -717,7 +799,7 @@ def test_a_compiler_given_with_arguments_builds_the_kernel(monkeypatch: pytest.M
         assert _native.status() == "on"
     finally:
         _native.reset()
-    assert [p.name.startswith("gate1-") for p in tmp_path.iterdir()] == [True]
+    assert [p.name.startswith("gates-") for p in tmp_path.iterdir()] == [True]
 
 
 def test_the_kernel_builds_under_a_group_umask_and_a_world_writable_one_is_refused(
