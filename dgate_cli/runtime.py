@@ -562,8 +562,14 @@ class GatedModel(nn.Module):
                     yield index, _at_head(out, last)
                     continue
                 if self._thresholds[g] < math.inf:
-                    z = self.gate_outputs(g, h)
-                    gone, stay, p = self._decide(g, z)
+                    native = self._native(g, h)
+                    if native is not None:  # outputs and who leaves in one call, as in forward
+                        zn, leave = _kernel_gates(native, h, self._t32[g])
+                        z, p = torch.from_numpy(zn), torch.from_numpy(zn.argmax(1))
+                        gone, stay = torch.from_numpy(leave.nonzero()[0]), torch.from_numpy((~leave).nonzero()[0])
+                    else:
+                        z = self.gate_outputs(g, h)
+                        gone, stay, p = self._decide(g, z)
                     if gone.numel():
                         yield index[gone], GatedOutput(z[gone], p[gone], torch.full_like(index[gone], g))
                         if not stay.numel():
