@@ -289,8 +289,8 @@ class GatedModel(nn.Module):
         poolings than one average grid, uneven windows, an output that is not float32 and dense
         in NCHW or NHWC order, gate buffers not float32 ``(K, D)`` and ``(K,)``, or a batch of
         more than ``_KERNEL_BATCH`` values (the kernel runs on one thread; PyTorch pools a large
-        batch on all of them). Cached per shape, strides, dtype and device kind until the model
-        moves or loads new weights."""
+        batch on all of them). Cached per shape, strides, dtype, device kind and exit rule until
+        the model moves or loads new weights."""
         key = (g, h.shape, h.stride(), h.dtype, h.is_cpu, self.score)
         entry = self._natives.get(key, False)
         if entry is not False:
