@@ -21,7 +21,7 @@
 #include <string.h>
 
 /* AVX2 and a baseline copy of the two loops, picked when the library loads (GCC, x86-64, glibc) */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+#if defined(__GNUC__) && __GNUC__ >= 6 && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 #define CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define CLONES

@@ -8,8 +8,8 @@ one call: ~10-30 us for one sample, ~90-180 us for 32 (most of it reading the st
 
 It is compiled once per source, compiler, Python and platform into ``$DGATE_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/dgate`` or ``~/.cache/dgate``) - written under a temporary name, then renamed -
-and loaded as a CPython extension module, or with ctypes where Python's headers are missing (only
-a file owned by this user and not writable by anyone else). Where that
+and loaded as a CPython extension module, or with ctypes where Python's headers are missing or that fails
+(only a file owned by this user and not world-writable). Where that
 fails (no compiler, a read-only cache, not Linux or macOS) or ``DGATE_NATIVE=0`` is set,
 :func:`kernel` returns None and the runtime uses PyTorch: the same decisions up to float rounding.
 :func:`status` says which, for ``dgate bench``.
@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,9 +42,9 @@ FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
 
 
 class Kernel(NamedTuple):
-    gate: ctypes._CFuncPtr  # float dgate_gate1(x, params): one sample's exit score
-    outputs: ctypes._CFuncPtr  # int dgate_outputs(dst, k): the k outputs of this thread's last gate() call
-    gates: ctypes._CFuncPtr  # int dgate_gates(x, n, params, threshold, z, leave): outputs, who leaves, how many
+    gate: Callable[..., float]  # float dgate_gate1(x, params): one sample's exit score
+    outputs: Callable[..., int]  # int dgate_outputs(dst, k): the k outputs of this thread's last gate() call
+    gates: Callable[..., int]  # int dgate_gates(x, n, params, threshold, z, leave): outputs, who leaves, how many
 
 
 class _Params(ctypes.Structure):  # struct dgate_gate
@@ -59,26 +60,31 @@ class Gate(NamedTuple):
 
     ``one(x, address)`` scores one sample at data pointer ``x`` (its outputs then go through
     :func:`outputs`); ``many(x, n, address, threshold, z, leave)`` fills ``z`` ``(n, k)`` float32
-    and ``leave`` ``(n,)`` bytes and returns how many leave (-1: out of memory). Two and six
-    arguments: ctypes converts each one, ~1 us apiece right after a stage."""
+    and ``leave`` ``(n,)`` bytes and returns how many leave (-1: out of memory). Few arguments:
+    each costs ~1 us right after a stage through ctypes (less through the extension module)."""
 
-    one: ctypes._CFuncPtr
-    many: ctypes._CFuncPtr
-    outputs: ctypes._CFuncPtr
+    one: Callable[..., float]
+    many: Callable[..., int]
+    outputs: Callable[..., int]
     address: int  # of the parameters
     k: int
+    shape: tuple[int, ...]  # the stage output (N, C, H, W) it was bound for
+    stride: tuple[int, ...]  # and its strides (dense, NCHW or NHWC)
     keep: tuple  # the parameters and the storages they point into: alive as long as this is
 
 
-def bind(kernel: Kernel, weight, bias, shape: tuple[int, int, int], s: int, nhwc: bool, rule: int) -> Gate:
+def bind(
+    kernel: Kernel, weight, bias, shape: tuple[int, ...], stride: tuple[int, ...], s: int, nhwc: bool, rule: int
+) -> Gate:
     """Bind gate weights (a dense float32 CPU tensor ``(k, s*s*C)`` in ``(s, s, C)`` order), bias
-    (``(k,)``) and exit rule (0: max, 1: margin) to stage outputs of ``shape`` ``(C, H, W)``
-    (``H`` and ``W`` multiples of ``s``), dense in NCHW or (``nhwc``) NHWC order. The caller checks
-    these: the kernel reads raw memory."""
-    c, h, w = shape
+    (``(k,)``) and exit rule (0: max, 1: margin) to float32 CPU stage outputs of ``shape``
+    ``(N, C, H, W)`` (``H`` and ``W`` positive multiples of ``s``) and ``stride``, dense in NCHW
+    or (``nhwc``) NHWC order. The caller checks these: the kernel reads raw memory."""
+    _, c, h, w = shape
     params = _Params(weight.data_ptr(), bias.data_ptr(), c, h, w, s, int(nhwc), weight.shape[0], rule)
     keep = (params, weight.untyped_storage(), bias.untyped_storage())
-    return Gate(kernel.gate, kernel.gates, kernel.outputs, ctypes.addressof(params), weight.shape[0], keep)
+    k = weight.shape[0]
+    return Gate(kernel.gate, kernel.gates, kernel.outputs, ctypes.addressof(params), k, tuple(shape), stride, keep)
 
 
 _state: dict[str, object] = {}  # "kernel": Kernel | None, "status": str
@@ -119,17 +125,43 @@ def _load() -> tuple[Kernel | None, str]:
 
 
 def _build(cc: list[str]) -> tuple[Kernel, str]:
-    """Compile (once per source, compiler, flags and platform) and load the kernel: as a CPython
-    extension module where Python's headers are, else as a plain library through ctypes (each call
-    ~5-10 us dearer right after a stage). Raises with the reason."""
-    include = sysconfig.get_paths().get("include") or ""
-    extension = bool(include) and Path(include, "Python.h").is_file()
-    flags = list(FLAGS)
-    if extension:
-        flags += ["-DDGATE_PYTHON", f"-I{include}"]
+    """Compile (once per source, compiler, flags, Python and platform) and load the kernel: as a
+    CPython extension module where Python's headers are, else - or if that fails - as a plain
+    library through ctypes (each call ~5-10 us dearer right after a stage). Raises with the reason."""
+    paths = sysconfig.get_paths()
+    include = paths.get("include") or ""
+    if include and Path(include, "Python.h").is_file():
+        flags = ["-DDGATE_PYTHON", f"-I{include}"]
+        if paths.get("platinclude") and paths["platinclude"] != include:  # pyconfig.h may live there
+            flags.append(f"-I{paths['platinclude']}")
         if sys.platform == "darwin":  # the interpreter's symbols are found when the module loads
             flags += ["-undefined", "dynamic_lookup"]
-    tag = " ".join([*cc, *flags, sys.platform, platform.machine(), sys.implementation.cache_tag or ""])
+        try:
+            module = _load_extension(_compile(cc, flags))
+            return Kernel(module.gate, module.outputs, module.gates), "on"
+        except Exception as e:  # noqa: BLE001 - ctypes next
+            why = f"the extension module failed: {e}"
+    else:
+        why = f"no Python.h in {include!r}"
+    dll = ctypes.CDLL(str(_compile(cc, [])))
+    gate = dll.dgate_gate1
+    gate.restype = ctypes.c_float
+    gate.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    outputs = dll.dgate_outputs
+    outputs.restype = ctypes.c_int
+    outputs.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    gates = dll.dgate_gates
+    gates.restype = ctypes.c_int
+    gates.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+    return Kernel(gate, outputs, gates), f"on (through ctypes: {why})"
+
+
+def _compile(cc: list[str], extra: list[str]) -> Path:
+    """The cached library for these flags, compiled first if it is not there; raises with the
+    compiler's error line, or if the file is not ours or is writable by anyone."""
+    flags = [*FLAGS, *extra]
+    abi = (sysconfig.get_config_var("EXT_SUFFIX") or "") if extra else ""  # an extension is Python-specific
+    tag = " ".join([*cc, *flags, sys.platform, platform.machine(), abi])
     digest = hashlib.sha256(SOURCE.read_bytes() + tag.encode()).hexdigest()[:16]
     lib = _cache_dir() / f"gates-{digest}.so"
     if not lib.exists():
@@ -144,23 +176,15 @@ def _build(cc: list[str]) -> tuple[Kernel, str]:
     st = lib.stat()
     if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o002):
         raise RuntimeError(f"{lib} is not owned by this user or is world-writable; remove it")
-    if extension:
-        loader = importlib.machinery.ExtensionFileLoader("_dgate_gates", str(lib))
-        spec = importlib.util.spec_from_file_location("_dgate_gates", str(lib), loader=loader)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        loader.exec_module(module)
-        return Kernel(module.gate, module.outputs, module.gates), "on"
-    dll = ctypes.CDLL(str(lib))
-    gate = dll.dgate_gate1
-    gate.restype = ctypes.c_float
-    gate.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    outputs = dll.dgate_outputs
-    outputs.restype = ctypes.c_int
-    outputs.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    gates = dll.dgate_gates
-    gates.restype = ctypes.c_int
-    gates.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
-    return Kernel(gate, outputs, gates), f"on (through ctypes: no Python.h in {include!r})"
+    return lib
+
+
+def _load_extension(lib: Path):
+    loader = importlib.machinery.ExtensionFileLoader("_dgate_gates", str(lib))
+    spec = importlib.util.spec_from_file_location("_dgate_gates", str(lib), loader=loader)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    loader.exec_module(module)
+    return module
 
 
 def _cache_dir() -> Path:

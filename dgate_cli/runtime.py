@@ -7,8 +7,8 @@ Closed gates (threshold ``inf``) are skipped entirely, at no cost.
 
 A gate is one pooling and one small matrix product. On a CPU, for one average grid of even windows,
 a gate is one call of a small C kernel (:mod:`._native`: pooling, product, bias, exit score and the
-comparison with the threshold, for one sample or a batch; ``gate_outputs`` calls it too, so host
-and device paths give the same bits). Without it the exit decision is still made on the host: on a
+comparison with the threshold, for one sample or a batch; ``gate_outputs`` calls it too, so on a
+CPU the host and device paths give the same bits). Without it the exit decision is still made on the host: on a
 NumPy view of the gate's ``(N, K)`` products for a batch (the pooled tensor read in its memory
 order against the weights, kept in both orders), with the bias added there and the float32
 rounding of :func:`gate_scores`; a single sample's outputs are read as a Python list. Few
@@ -258,7 +258,7 @@ class GatedModel(nn.Module):
         if not (h.requires_grad and torch.is_grad_enabled()):
             native = self._native(g, h)
             if native is not None:
-                z, _ = _kernel_gates(native, h, math.inf)
+                z, _, _ = _kernel_gates(native, h, math.inf)
                 return torch.from_numpy(z)
         return self._gate_product(g, h).add_(self._plan(g).bias)
 
@@ -285,9 +285,10 @@ class GatedModel(nn.Module):
 
     def _native(self, g: int, h: torch.Tensor) -> _native.Gate | None:
         """Gate ``g`` bound to the gate kernel for stage output ``h`` ``(N, C, H, W)`` and the
-        exit rule. None (PyTorch) without the kernel, off the CPU, for other
-        poolings than one average grid, uneven windows, an output that is not float32 and dense
-        in NCHW or NHWC order, gate buffers not float32 ``(K, D)`` and ``(K,)``, or a batch of
+        exit rule (max for the softmax and entropy rules, whose decisions the kernel does not make:
+        its outputs only). None (PyTorch) without the kernel, off the CPU, for other
+        poolings than one average grid, uneven windows, an empty or a float32 output that is not
+        dense in NCHW or NHWC order, gate buffers not float32 ``(K, D)`` and ``(K,)``, or a batch of
         more than ``_KERNEL_BATCH`` values (the kernel runs on one thread; PyTorch pools a large
         batch on all of them). Cached per shape, strides, dtype, device kind and exit rule until
         the model moves or loads new weights."""
@@ -302,9 +303,9 @@ class GatedModel(nn.Module):
             s
             and h.is_cpu
             and h.dim() == 4
+            and h.numel() > 0
             and (h.shape[0] == 1 or h.numel() <= _KERNEL_BATCH)
             and h.dtype == w.dtype == b.dtype == torch.float32
-            and self.score in _RULES
         )
         kernel = _native.kernel() if usable else None
         if kernel is not None:
@@ -321,7 +322,7 @@ class GatedModel(nn.Module):
                 and b.is_contiguous()
                 and (not nhwc or h.is_contiguous(memory_format=torch.channels_last))
             ):
-                entry = _native.bind(kernel, w, b, (c, height, width), s, nhwc, _RULES[self.score])
+                entry = _native.bind(kernel, w, b, h.shape, h.stride(), s, nhwc, _RULES.get(self.score, 0))
         self._natives[key] = entry = entry or None
         return entry
 
@@ -331,6 +332,10 @@ class GatedModel(nn.Module):
         state = dict(self.__dict__)
         state["_plans"], state["_natives"], state["_routes"] = {}, {}, {}
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # also a model pickled before a cache existed
+        self.__dict__.update(state)
+        self._plans, self._natives, self._routes = {}, {}, {}
 
     def _plan(self, g: int) -> _GatePlan:
         """How gate ``g`` reads its stage output (cached until the model moves): the weights as a
@@ -371,14 +376,18 @@ class GatedModel(nn.Module):
         by :meth:`_leaves_one`, nothing else.
 
         Kept lean: at batch size 1 on a CPU every line here runs cold after its stage, ~1-6 us
-        apiece (measured), against 200-700 us a stage. So the kernel bindings are looked up once
-        per input signature and stage modules (a *route*), not per gate from each stage output's
-        shape: the same modules give the same output layouts for the same input layout."""
+        apiece (measured), against 200-700 us a stage. So the kernel bindings are kept per input
+        signature (a *route*) instead of being looked up per gate by each stage output's shape,
+        strides, dtype and device (~1% of a ResNet-56 with nine gates); each is still checked
+        against the stage output it is given (dtype, device, strides, shape), as autocast or a
+        stage changed in place can change those."""
         stages = tuple(self.stages)  # ModuleList[g] costs ~13 us a call on a small CPU
         thresholds, t32 = self._thresholds, self._t32
         key = (x.shape, x.stride(), x.dtype, x.device, self.score, stages)
         route = self._routes.get(key)
         if route is None:
+            if len(self._routes) >= _ROUTES:  # many input shapes, or stages replaced: start afresh
+                self._routes.clear()
             route = self._routes[key] = [False] * len(thresholds)  # False: not bound yet
         h = x
         for g in range(len(thresholds)):
@@ -386,6 +395,10 @@ class GatedModel(nn.Module):
             if thresholds[g] == math.inf:  # closed
                 continue
             native = route[g]
+            if native and not (
+                h.dtype is _F32 and h.is_cpu and h.stride() == native.stride and h.shape == native.shape
+            ):
+                native = False  # not what it was bound for: look again
             if native is False:
                 native = route[g] = self._native(g, h)
             if native is None:
@@ -409,7 +422,8 @@ class GatedModel(nn.Module):
         return np.array([row], dtype=np.float32) if _LIST_SCORES[self.score](row) >= self._t32[g] else None
 
     def _forward_host(self, x: torch.Tensor) -> GatedOutput:
-        """Exit decisions on the host (a CPU batch): each open gate's ``(N, K)`` outputs are
+        """Exit decisions on the host (a CPU batch): each open gate's ``(N, K)`` outputs and who
+        leaves come from one call of the gate kernel, or, where it does not apply, the outputs are
         viewed as a NumPy array and scored there, with the float32 rounding of :func:`gate_scores`;
         a last sample is decided as a single input is (:meth:`_leaves_one`). Classes are found
         once, for everyone, at the end.
@@ -437,7 +451,9 @@ class GatedModel(nn.Module):
                 continue
             native = self._native(g, h)
             if native is not None:  # one call: outputs and who leaves
-                z, leave = _kernel_gates(native, h, self._t32[g])
+                z, leave, count = _kernel_gates(native, h, self._t32[g])
+                if count == 0:
+                    continue
             else:
                 z = self._gate_product(g, h).numpy()  # we are on a CPU
                 z += self._plan(g).bias_np  # in place, in float32, as gate_outputs adds it
@@ -562,9 +578,9 @@ class GatedModel(nn.Module):
                     yield index, _at_head(out, last)
                     continue
                 if self._thresholds[g] < math.inf:
-                    native = self._native(g, h)
+                    native = self._native(g, h) if self.score in _RULES else None
                     if native is not None:  # outputs and who leaves in one call, as in forward
-                        zn, leave = _kernel_gates(native, h, self._t32[g])
+                        zn, leave, _ = _kernel_gates(native, h, self._t32[g])
                         z, p = torch.from_numpy(zn), torch.from_numpy(zn.argmax(1))
                         gone, stay = torch.from_numpy(leave.nonzero()[0]), torch.from_numpy((~leave).nonzero()[0])
                     else:
@@ -746,19 +762,22 @@ _RULES = {"max": 0, "margin": 1}  # the kernel's numbers for them
 
 
 # the most values (N * C * H * W) of a batch the gate kernel pools (on one thread): 4 MB, a batch of
-# 32 CIFAR images after a ResNet's first stage; beyond, PyTorch pools on all threads
+# 64 CIFAR images after a ResNet-56's first stage; beyond, PyTorch pools on all threads
 _KERNEL_BATCH = 1 << 20
+_ROUTES = 64  # single-input signatures kept (see GatedModel._forward_one)
+_F32 = torch.float32
 
 
-def _kernel_gates(native: _native.Gate, h: torch.Tensor, t: float) -> tuple[np.ndarray, np.ndarray]:
-    """The gate kernel on a batch ``h``: its ``(N, K)`` float32 outputs and a boolean mask of the
-    rows whose score is at least ``t`` (float32)."""
+def _kernel_gates(native: _native.Gate, h: torch.Tensor, t: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """The gate kernel on a batch ``h``: its ``(N, K)`` float32 outputs, a boolean mask of the rows
+    whose score is at least ``t`` (float32), and how many those are."""
     n = h.shape[0]
     z = np.empty((n, native.k), dtype=np.float32)
     leave = np.empty(n, dtype=np.bool_)  # one byte each, 0 or 1: the kernel's unsigned chars
-    if native.many(h.data_ptr(), n, native.address, t, z.ctypes.data, leave.ctypes.data) < 0:
+    count = native.many(h.data_ptr(), n, native.address, t, z.ctypes.data, leave.ctypes.data)
+    if count < 0:
         raise MemoryError("the gate kernel could not allocate its buffer (out of memory?); set DGATE_NATIVE=0")
-    return z, leave
+    return z, leave, count
 
 
 def _kernel_outputs(native: _native.Gate) -> np.ndarray:

@@ -588,7 +588,9 @@ def test_the_kernel_scores_its_outputs_as_gate_scores_does(rule: int):
         b_nan = b.clone()
         b_nan[k - 1] = math.nan  # one output NaN
         for bias in (b, b_nan):
-            gate = _native.bind(kernel, w, bias, (c, side, side), s, False, rule)
+            gate = _native.bind(
+                kernel, w, bias, (1, c, side, side), (c * side * side, side * side, side, 1), s, False, rule
+            )
             singles, scores = [], []
             for h in hs:
                 scores.append(gate.one(h.data_ptr(), gate.address))
@@ -604,10 +606,9 @@ def test_the_kernel_scores_its_outputs_as_gate_scores_does(rule: int):
             torch.testing.assert_close(z, features @ w.t() + bias, atol=1e-4, rtol=1e-5, equal_nan=True)
             scored = want[~want.isnan()]  # NaN never leaves
             t = float(scored.median()) if scored.numel() else 0.0
-            batch, leave = runtime._kernel_gates(gate, hs, t)
+            batch, leave, count = runtime._kernel_gates(gate, hs, t)
             assert np.array_equal(batch, z.numpy(), equal_nan=True)
-            assert leave.tolist() == (want >= t).tolist()
-            assert leave.sum() >= (scored.numel() + 1) // 2  # half of the scored rows at least
+            assert leave.tolist() == (want >= t).tolist() and count == int((want >= t).sum())
 
 
 def test_without_the_kernel_single_samples_are_decided_in_pytorch(monkeypatch: pytest.MonkeyPatch, tmp_path):
@@ -654,8 +655,12 @@ def test_a_batch_goes_through_the_kernel_up_to_its_size_limit(channels_last: boo
         monkeypatch.setattr(runtime, "_adaptive_avg_pool2d", no_pooling)
         got = model.gate_outputs(0, h)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        alone = torch.cat([model.gate_outputs(0, h[i : i + 1]) for i in range(6)])  # dense slices
-        assert torch.equal(got, alone)
+        for i in range(6):  # each sample alone, through the single-sample entry: the same bits
+            native = model._native(0, h[i : i + 1])
+            native.one(h[i : i + 1].data_ptr(), native.address)
+            assert torch.equal(torch.from_numpy(runtime._kernel_outputs(native))[0], got[i])
+        other = h.contiguous() if channels_last else h.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(model.gate_outputs(0, other), got)  # NCHW and NHWC: the same bits
         model.set_thresholds([midway(gate_scores(got, "margin")[0], 0.5), math.inf])
         out = model(x)  # the host batch path, no PyTorch pooling either
         assert out.exit.tolist() == [0 if v else 2 for v in (gate_scores(got, "margin")[0] >= model._t32[0]).tolist()]
@@ -689,23 +694,75 @@ def test_without_python_headers_the_kernel_is_called_through_ctypes(monkeypatch:
             _native.reset()
 
 
+def test_an_extension_module_that_does_not_load_falls_back_to_ctypes(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    needs_kernel()
+    monkeypatch.setenv("DGATE_CACHE_DIR", str(tmp_path))
+
+    def broken(lib):
+        raise ImportError("undefined symbol: PyFloat_FromDouble")
+
+    monkeypatch.setattr(_native, "_load_extension", broken)
+    _native.reset()
+    try:
+        assert _native.status() == (
+            "on (through ctypes: the extension module failed: undefined symbol: PyFloat_FromDouble)"
+        )
+        assert len(list(tmp_path.iterdir())) == 2  # the extension (built, not loaded) and the plain library
+    finally:
+        _native.reset()
+
+
 def test_single_inputs_of_another_layout_take_their_own_route():
     # the kernel bindings of the single-sample path are kept per input signature: an NCHW and a
     # channels-last input (a model that keeps what it is given) each get theirs, and .to() drops them
     needs_kernel()
     model = make_model(Pooling((4,)), channels_last=False, seed=11)
-    x = torch.randn(1, 3, 16, 16)
-    model.set_thresholds([math.inf, math.inf])
+    xs = torch.randn(16, 1, 3, 16, 16)
+    s0, s1 = scores_at_gates(model, xs[:, 0], "margin")
+    model.set_thresholds([midway(s0, 0.3), midway(s1, 0.5)])  # some leave at each gate
+    fresh = copy.deepcopy(model)  # no routes: every gate looked up afresh
     with torch.inference_mode():
-        ref = model.stages[2](model.stages[1](model.stages[0](x)))
-        model.set_thresholds([1e30, 1e30])  # open, nobody leaves: both gates scored
-        for inp in (x, x.contiguous(memory_format=torch.channels_last), x):
-            torch.testing.assert_close(model(inp).logits, ref, atol=1e-5, rtol=1e-5)
-        assert len(model._routes) == 2
-        layouts = {key[1] == x.stride(): [gate.keep[0].nhwc for gate in route] for key, route in model._routes.items()}
-        assert layouts == {True: [0, 0], False: [1, 1]}  # NCHW input: NCHW stage outputs; channels-last: NHWC
-        model = model.to(torch.float32)
-        assert model._routes == {}
+        for x in xs:
+            for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+                out, want = model(inp), fresh._forward_one(inp)
+                fresh._routes.clear()
+                assert torch.equal(out.logits, want.logits) and out.exit == want.exit
+        exits = torch.cat([model(x).exit for x in xs])
+        assert (exits == 0).any() and (exits == 1).any() and (exits == 2).any()
+    assert len(model._routes) == 2
+    layouts = {key[1] == xs[0].stride(): [gate.keep[0].nhwc for gate in route] for key, route in model._routes.items()}
+    assert layouts == {True: [0, 0], False: [1, 1]}  # NCHW input: NCHW stage outputs; channels-last: NHWC
+    model = model.to(torch.float32)
+    assert model._routes == {}
+
+
+def test_a_route_is_checked_against_what_each_stage_returns(monkeypatch: pytest.MonkeyPatch):
+    # a stage changed in place (not through the model's .to()) or autocast changes the stage
+    # outputs of the same input: the route's bindings must not be used for them (the kernel would
+    # read NHWC data as NCHW, or bfloat16 memory as float32, past its end)
+    needs_kernel()
+    model = make_model(Pooling((4,)), channels_last=False, seed=12)
+    x = torch.randn(12, 3, 16, 16)
+    s0, s1 = scores_at_gates(model, x, "margin")
+    model.set_thresholds([midway(s0, 0.3), midway(s1, 0.5)])
+    with torch.inference_mode():
+        for i in range(12):
+            model(x[i : i + 1])  # binds the NCHW route
+        model.stages.to(memory_format=torch.channels_last)  # the ModuleList's own .to(): the routes stay
+        assert model._routes
+        for i in range(12):
+            xi = x[i : i + 1]
+            assert model.stages[0](xi).is_contiguous(memory_format=torch.channels_last)
+            want = copy.deepcopy(model)._forward_one(xi)
+            got = model(xi)
+            assert torch.equal(got.logits, want.logits) and got.exit == want.exit
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.stages[0](x[:1]).dtype == torch.bfloat16
+            for i in range(12):
+                xi = x[i : i + 1]
+                want = copy.deepcopy(model)._forward_one(xi)
+                got = model(xi)  # bfloat16 stage outputs: decided in PyTorch, not by the float32 kernel
+                assert torch.equal(got.logits, want.logits) and got.exit == want.exit
 
 
 def test_a_failing_compiler_leaves_the_kernel_off_and_no_file(monkeypatch: pytest.MonkeyPatch, tmp_path):
@@ -779,6 +836,31 @@ def test_a_model_that_used_the_kernel_can_be_copied_and_pickled():
     twin.gate0_bias.add_(1.0)  # its own buffers, not the original's
     torch.testing.assert_close(twin(x).logits, before.logits + 1.0)
     assert torch.equal(model(x).logits, before.logits)
+    state = model.__getstate__()
+    del state["_routes"], state["_natives"]  # pickled by a version without these caches
+    old = GatedModel.__new__(GatedModel)
+    old.__setstate__(state)
+    assert torch.equal(old(x).logits, before.logits)
+
+
+def test_softmax_gates_use_the_kernel_for_their_outputs_only(monkeypatch: pytest.MonkeyPatch):
+    # the kernel scores max and margin; for softmax it still pools and multiplies (one sample or a
+    # batch), and the decision is softmax's (stream mode included)
+    needs_kernel()
+    model = make_model(Pooling((4,)), score="softmax", seed=13)
+    x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        h = model.stages[0](x)
+        want = reference_outputs(model, 0, h)
+        s0, _ = gate_scores(want, "softmax")
+        model.set_thresholds([midway(s0, 0.5), math.inf])
+        monkeypatch.setattr(runtime, "_adaptive_avg_pool2d", no_pooling)
+        torch.testing.assert_close(model.gate_outputs(0, h), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.gate_outputs(0, h[:1]), want[:1], atol=1e-5, rtol=1e-5)
+        streamed = torch.empty(8, dtype=torch.long)
+        for index, out in model.stream([x[:4], x[4:]], batch_size=4):
+            streamed[index] = out.exit
+    assert streamed.tolist() == [0 if v else 2 for v in (s0 >= model._t32[0]).tolist()]
 
 
 def test_gate_outputs_of_one_sample_keep_gradients():
@@ -816,7 +898,14 @@ def test_the_kernel_builds_under_a_group_umask_and_a_world_writable_one_is_refus
         _native.reset()
     (lib,) = tmp_path.iterdir()
     lib.chmod(0o666)  # anyone could have replaced it
+    refused = f"{lib} is not owned by this user or is world-writable; remove it"
+    try:  # not loaded: the plain library is built beside it and called through ctypes
+        assert _native.status() == f"on (through ctypes: the extension module failed: {refused})"
+    finally:
+        _native.reset()
+    (plain,) = set(tmp_path.iterdir()) - {lib}
+    plain.chmod(0o666)
     try:
-        assert _native.status() == f"off ({lib} is not owned by this user or is world-writable; remove it)"
+        assert _native.status() == f"off ({plain} is not owned by this user or is world-writable; remove it)"
     finally:
         _native.reset()
