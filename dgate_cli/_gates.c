@@ -55,6 +55,18 @@ static float *buffer(size_t n)
     return tl_buf;
 }
 
+/* col[0..len) = the sum of the bh consecutive rows of len floats at band, in row order. */
+static inline void column_sums(const float *restrict band, int len, int bh, float *restrict col)
+{
+    for (int i = 0; i < len; i++)
+        col[i] = band[i];
+    for (int y = 1; y < bh; y++) {
+        const float *restrict r = band + (size_t)y * len;
+        for (int i = 0; i < len; i++)
+            col[i] += r[i];
+    }
+}
+
 /* One sample x (c, h, w) or (h, w, c) -> pooled: d = s*s*c features in (s, s, c) order, the
    order of the weights passed in. Each feature is the sum over its window's columns (x order) of
    the column sums over its rows (y order), times 1 / (bh * bw): the same additions for either
@@ -67,14 +79,7 @@ CLONES static void pool(const float *restrict x, int c, int h, int w, int s, int
     if (nhwc) {
         const int row = w * c;
         for (int gy = 0; gy < s; gy++) {
-            const float *band = x + (size_t)gy * bh * row;
-            for (int i = 0; i < row; i++)
-                col[i] = band[i];
-            for (int y = 1; y < bh; y++) {
-                const float *restrict r = band + (size_t)y * row;
-                for (int i = 0; i < row; i++)
-                    col[i] += r[i];
-            }
+            column_sums(x + (size_t)gy * bh * row, row, bh, col);
             for (int gx = 0; gx < s; gx++) {
                 const float *restrict cx = col + (size_t)gx * bw * c;
                 float *restrict dst = pooled + ((size_t)gy * s + gx) * c;
@@ -91,14 +96,7 @@ CLONES static void pool(const float *restrict x, int c, int h, int w, int s, int
         for (int ch = 0; ch < c; ch++) {
             const float *plane = x + (size_t)ch * h * w;
             for (int gy = 0; gy < s; gy++) {
-                const float *band = plane + (size_t)gy * bh * w;
-                for (int i = 0; i < w; i++)
-                    col[i] = band[i];
-                for (int y = 1; y < bh; y++) {
-                    const float *restrict r = band + (size_t)y * w;
-                    for (int i = 0; i < w; i++)
-                        col[i] += r[i];
-                }
+                column_sums(plane + (size_t)gy * bh * w, w, bh, col);
                 for (int gx = 0; gx < s; gx++) {
                     const float *cx = col + gx * bw;
                     float t = cx[0];

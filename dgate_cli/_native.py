@@ -68,23 +68,19 @@ class Gate(NamedTuple):
     outputs: Callable[..., int]
     address: int  # of the parameters
     k: int
-    shape: tuple[int, ...]  # the stage output (N, C, H, W) it was bound for
-    stride: tuple[int, ...]  # and its strides (dense, NCHW or NHWC)
     keep: tuple  # the parameters and the storages they point into: alive as long as this is
 
 
-def bind(
-    kernel: Kernel, weight, bias, shape: tuple[int, ...], stride: tuple[int, ...], s: int, nhwc: bool, rule: int
-) -> Gate:
+def bind(kernel: Kernel, weight, bias, shape: tuple[int, ...], s: int, nhwc: bool, rule: int) -> Gate:
     """Bind gate weights (a dense float32 CPU tensor ``(k, s*s*C)`` in ``(s, s, C)`` order), bias
     (``(k,)``) and exit rule (0: max, 1: margin) to float32 CPU stage outputs of ``shape``
-    ``(N, C, H, W)`` (``H`` and ``W`` positive multiples of ``s``) and ``stride``, dense in NCHW
-    or (``nhwc``) NHWC order. The caller checks these: the kernel reads raw memory."""
+    ``(N, C, H, W)`` (``H`` and ``W`` positive multiples of ``s``), dense in NCHW or (``nhwc``)
+    NHWC order. The caller checks these: the kernel reads raw memory."""
     _, c, h, w = shape
     params = _Params(weight.data_ptr(), bias.data_ptr(), c, h, w, s, int(nhwc), weight.shape[0], rule)
     keep = (params, weight.untyped_storage(), bias.untyped_storage())
     k = weight.shape[0]
-    return Gate(kernel.gate, kernel.gates, kernel.outputs, ctypes.addressof(params), k, tuple(shape), stride, keep)
+    return Gate(kernel.gate, kernel.gates, kernel.outputs, ctypes.addressof(params), k, keep)
 
 
 _state: dict[str, object] = {}  # "kernel": Kernel | None, "status": str

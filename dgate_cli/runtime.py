@@ -139,7 +139,6 @@ class GatedModel(nn.Module):
         self._t32: list[float] = []  # the thresholds rounded to float32, as a device compares them
         self._plans: dict[int, _GatePlan] = {}  # per gate, see _plan
         self._natives: dict[tuple, _native.Gate | None] = {}  # per gate and stage output layout, see _native
-        self._routes: dict[tuple, list] = {}  # per single-input signature, see _forward_one
         self.set_thresholds(thresholds)
         self.eval()
 
@@ -147,7 +146,7 @@ class GatedModel(nn.Module):
         """``.to()``, ``.cuda()``, ``.half()``: drop the cached gate plans (they hold the old tensors)
         and keep the gates in float32 on the new device - their scores are float32 by design, and
         ``model.half()`` (or bfloat16) then runs the stages in half precision with the gates exact."""
-        self._plans, self._natives, self._routes = {}, {}, {}
+        self._plans, self._natives = {}, {}
         gates = {k: v for k, v in self._buffers.items() if k.startswith("gate") and v is not None}
         out = super()._apply(fn, recurse)
         for k, before in gates.items():
@@ -157,7 +156,7 @@ class GatedModel(nn.Module):
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):  # new gate weights: the plans hold copies of the old
-        self._plans, self._natives, self._routes = {}, {}, {}
+        self._plans, self._natives = {}, {}
         super()._load_from_state_dict(*args, **kwargs)
 
     @property
@@ -322,7 +321,7 @@ class GatedModel(nn.Module):
                 and b.is_contiguous()
                 and (not nhwc or h.is_contiguous(memory_format=torch.channels_last))
             ):
-                entry = _native.bind(kernel, w, b, h.shape, h.stride(), s, nhwc, _RULES.get(self.score, 0))
+                entry = _native.bind(kernel, w, b, h.shape, s, nhwc, _RULES.get(self.score, 0))
         self._natives[key] = entry = entry or None
         return entry
 
@@ -330,12 +329,12 @@ class GatedModel(nn.Module):
         """Pickling and ``copy.deepcopy``: without the caches (the kernel's entries hold ctypes
         functions and raw pointers into this model's buffers); a copy builds its own."""
         state = dict(self.__dict__)
-        state["_plans"], state["_natives"], state["_routes"] = {}, {}, {}
+        state["_plans"], state["_natives"] = {}, {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # also a model pickled before a cache existed
         self.__dict__.update(state)
-        self._plans, self._natives, self._routes = {}, {}, {}
+        self._plans, self._natives = {}, {}
 
     def _plan(self, g: int) -> _GatePlan:
         """How gate ``g`` reads its stage output (cached until the model moves): the weights as a
@@ -372,37 +371,19 @@ class GatedModel(nn.Module):
         return self._forward_device(x)
 
     def _forward_one(self, x: torch.Tensor) -> GatedOutput:
-        """One sample (on any device): each open gate decided by the kernel where it applies, else
-        by :meth:`_leaves_one`, nothing else.
-
-        Kept lean: at batch size 1 on a CPU every line here runs cold after its stage, ~1-6 us
-        apiece (measured), against 200-700 us a stage. So the kernel bindings are kept per input
-        signature (a *route*) instead of being looked up per gate by each stage output's shape,
-        strides, dtype and device (~1% of a ResNet-56 with nine gates); each is still checked
-        against the stage output it is given (dtype, device, strides, shape), as autocast or a
-        stage changed in place can change those."""
-        stages = tuple(self.stages)  # ModuleList[g] costs ~13 us a call on a small CPU
+        """One sample (on any device): each open gate decided as :meth:`_leaves_one` decides it,
+        written out here - a method call per gate costs 0.2-0.6% of a ResNet-56 with nine gates
+        at batch size 1 on a CPU, where every line runs cold after its stage (measured)."""
+        stages = list(self.stages)  # ModuleList[g] costs ~13 us a call on a small CPU
         thresholds, t32 = self._thresholds, self._t32
-        key = (x.shape, x.stride(), x.dtype, x.device, self.score, stages)
-        route = self._routes.get(key)
-        if route is None:
-            if len(self._routes) >= _ROUTES:  # many input shapes, or stages replaced: start afresh
-                self._routes.clear()
-            route = self._routes[key] = [False] * len(thresholds)  # False: not bound yet
         h = x
         for g in range(len(thresholds)):
             h = stages[g](h)
             if thresholds[g] == math.inf:  # closed
                 continue
-            native = route[g]
-            if native and not (
-                h.dtype is _F32 and h.is_cpu and h.stride() == native.stride and h.shape == native.shape
-            ):
-                native = False  # not what it was bound for: look again
-            if native is False:
-                native = route[g] = self._native(g, h)
+            native = self._native(g, h)
             if native is None:
-                z = self._leaves_one(g, h)
+                z = self._list_leaves(g, h)
             elif native.one(h.data_ptr(), native.address) >= t32[g]:
                 z = _kernel_outputs(native)
             else:
@@ -413,11 +394,16 @@ class GatedModel(nn.Module):
 
     def _leaves_one(self, g: int, h: torch.Tensor) -> np.ndarray | None:
         """Whether one sample leaves at gate ``g``: its ``(1, K)`` float32 outputs if so, else None.
-        Through the gate kernel on a CPU; else its outputs read as a Python list with the
-        bias added there, scored by the float32 rule of :func:`gate_scores`."""
+        Through the gate kernel on a CPU, else :meth:`_list_leaves`."""
         native = self._native(g, h)
-        if native is not None:
-            return _kernel_outputs(native) if native.one(h.data_ptr(), native.address) >= self._t32[g] else None
+        if native is None:
+            return self._list_leaves(g, h)
+        return _kernel_outputs(native) if native.one(h.data_ptr(), native.address) >= self._t32[g] else None
+
+    def _list_leaves(self, g: int, h: torch.Tensor) -> np.ndarray | None:
+        """:meth:`_leaves_one` without the kernel: the outputs read as a Python list with the bias
+        added there (a NumPy call costs more for K values), scored by the float32 rule of
+        :func:`gate_scores`."""
         row = [v + b for v, b in zip(self._gate_product(g, h).tolist()[0], self._plan(g).bias_list, strict=True)]
         return np.array([row], dtype=np.float32) if _LIST_SCORES[self.score](row) >= self._t32[g] else None
 
@@ -449,15 +435,7 @@ class GatedModel(nn.Module):
                     done.append((g, np.arange(n) if alive is None else alive, z1))
                     return _assemble_host(n, done, x.device)
                 continue
-            native = self._native(g, h)
-            if native is not None:  # one call: outputs and who leaves
-                z, leave, count = _kernel_gates(native, h, self._t32[g])
-                if count == 0:
-                    continue
-            else:
-                z = self._gate_product(g, h).numpy()  # we are on a CPU
-                z += self._plan(g).bias_np  # in place, in float32, as gate_outputs adds it
-                leave = self._host_leave(g, z)
+            z, leave = self._host_gate(g, h)
             gone = leave.nonzero()[0]
             if gone.size == 0:
                 continue
@@ -578,14 +556,7 @@ class GatedModel(nn.Module):
                     yield index, _at_head(out, last)
                     continue
                 if self._thresholds[g] < math.inf:
-                    native = self._native(g, h) if self.score in _RULES else None
-                    if native is not None:  # outputs and who leaves in one call, as in forward
-                        zn, leave, _ = _kernel_gates(native, h, self._t32[g])
-                        z, p = torch.from_numpy(zn), torch.from_numpy(zn.argmax(1))
-                        gone, stay = torch.from_numpy(leave.nonzero()[0]), torch.from_numpy((~leave).nonzero()[0])
-                    else:
-                        z = self.gate_outputs(g, h)
-                        gone, stay, p = self._decide(g, z)
+                    z, gone, stay, p = self._decide(g, h)
                     if gone.numel():
                         yield index[gone], GatedOutput(z[gone], p[gone], torch.full_like(index[gone], g))
                         if not stay.numel():
@@ -594,24 +565,34 @@ class GatedModel(nn.Module):
                 queues[g + 1].append((h, index))
                 counts[g + 1] += index.shape[0]
 
-    def _host_leave(self, g: int, z: np.ndarray) -> np.ndarray:
-        """Which rows of gate ``g``'s float32 outputs ``z`` (on the host) leave: their score against
-        the threshold rounded to float32, compared in float32 - as a device compares them."""
-        return _HOST_SCORES[self.score](z) >= self._t32[g]
+    def _host_gate(self, g: int, h: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Gate ``g`` on a CPU stage output ``h`` for the max and margin rules: its ``(N, K)``
+        float32 outputs and which rows leave (score against the threshold rounded to float32,
+        compared in float32, as a device compares them). One call of the gate kernel where it
+        applies; else PyTorch's product viewed as a NumPy array, with the bias and the float32 rule
+        of :func:`gate_scores` applied there."""
+        native = self._native(g, h)
+        if native is not None:
+            z, leave, _ = _kernel_gates(native, h, self._t32[g])
+            return z, leave
+        z = self._gate_product(g, h).numpy()
+        z += self._plan(g).bias_np  # in place, in float32, as gate_outputs adds it
+        return z, _HOST_SCORES[self.score](z) >= self._t32[g]
 
-    def _decide(self, g: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows that leave at gate ``g``, rows that stay, classes) for its outputs ``z``."""
-        if z.device.type == "cpu" and self.score in _HOST_SCORES:
-            zn = z.numpy()
-            leave = self._host_leave(g, zn)
+    def _decide(self, g: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(outputs, rows that leave at gate ``g``, rows that stay, classes) for stage output ``h``."""
+        if h.device.type == "cpu" and self.score in _HOST_SCORES:
+            zn, leave = self._host_gate(g, h)
             return (
+                torch.from_numpy(zn),
                 torch.from_numpy(leave.nonzero()[0]),
                 torch.from_numpy((~leave).nonzero()[0]),
                 torch.from_numpy(zn.argmax(1)),
             )
+        z = self.gate_outputs(g, h)
         s, pt = gate_scores(z, self.score)
         leave = s >= self._thresholds[g]
-        return torch.nonzero(leave).squeeze(1), torch.nonzero(~leave).squeeze(1), pt
+        return z, torch.nonzero(leave).squeeze(1), torch.nonzero(~leave).squeeze(1), pt
 
     def backbone_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's logits without gates: the same stages, chained."""
@@ -764,8 +745,6 @@ _RULES = {"max": 0, "margin": 1}  # the kernel's numbers for them
 # the most values (N * C * H * W) of a batch the gate kernel pools (on one thread): 4 MB, a batch of
 # 64 CIFAR images after a ResNet-56's first stage; beyond, PyTorch pools on all threads
 _KERNEL_BATCH = 1 << 20
-_ROUTES = 64  # single-input signatures kept (see GatedModel._forward_one)
-_F32 = torch.float32
 
 
 def _kernel_gates(native: _native.Gate, h: torch.Tensor, t: float) -> tuple[np.ndarray, np.ndarray, int]:

@@ -588,9 +588,7 @@ def test_the_kernel_scores_its_outputs_as_gate_scores_does(rule: int):
         b_nan = b.clone()
         b_nan[k - 1] = math.nan  # one output NaN
         for bias in (b, b_nan):
-            gate = _native.bind(
-                kernel, w, bias, (1, c, side, side), (c * side * side, side * side, side, 1), s, False, rule
-            )
+            gate = _native.bind(kernel, w, bias, (1, c, side, side), s, False, rule)
             singles, scores = [], []
             for h in hs:
                 scores.append(gate.one(h.data_ptr(), gate.address))
@@ -712,34 +710,33 @@ def test_an_extension_module_that_does_not_load_falls_back_to_ctypes(monkeypatch
         _native.reset()
 
 
-def test_single_inputs_of_another_layout_take_their_own_route():
-    # the kernel bindings of the single-sample path are kept per input signature: an NCHW and a
-    # channels-last input (a model that keeps what it is given) each get theirs, and .to() drops them
+def test_single_inputs_of_another_layout_get_their_own_bindings():
+    # the kernel bindings are kept per stage output layout: an NCHW and a channels-last input (a
+    # model that keeps what it is given) each get theirs, and .to() drops them
     needs_kernel()
     model = make_model(Pooling((4,)), channels_last=False, seed=11)
     xs = torch.randn(16, 1, 3, 16, 16)
     s0, s1 = scores_at_gates(model, xs[:, 0], "margin")
     model.set_thresholds([midway(s0, 0.3), midway(s1, 0.5)])  # some leave at each gate
-    fresh = copy.deepcopy(model)  # no routes: every gate looked up afresh
+    fresh = copy.deepcopy(model)  # no bindings: every gate bound afresh
     with torch.inference_mode():
         for x in xs:
             for inp in (x, x.contiguous(memory_format=torch.channels_last)):
                 out, want = model(inp), fresh._forward_one(inp)
-                fresh._routes.clear()
+                fresh._natives.clear()
                 assert torch.equal(out.logits, want.logits) and out.exit == want.exit
         exits = torch.cat([model(x).exit for x in xs])
         assert (exits == 0).any() and (exits == 1).any() and (exits == 2).any()
-    assert len(model._routes) == 2
-    layouts = {key[1] == xs[0].stride(): [gate.keep[0].nhwc for gate in route] for key, route in model._routes.items()}
-    assert layouts == {True: [0, 0], False: [1, 1]}  # NCHW input: NCHW stage outputs; channels-last: NHWC
+    layouts = sorted((key[0], gate.keep[0].nhwc) for key, gate in model._natives.items() if key[1][0] == 1)
+    assert layouts == [(0, 0), (0, 1), (1, 0), (1, 1)]  # NCHW input: NCHW stage outputs; channels-last: NHWC
     model = model.to(torch.float32)
-    assert model._routes == {}
+    assert model._natives == {}
 
 
-def test_a_route_is_checked_against_what_each_stage_returns(monkeypatch: pytest.MonkeyPatch):
+def test_a_binding_is_checked_against_what_each_stage_returns(monkeypatch: pytest.MonkeyPatch):
     # a stage changed in place (not through the model's .to()) or autocast changes the stage
-    # outputs of the same input: the route's bindings must not be used for them (the kernel would
-    # read NHWC data as NCHW, or bfloat16 memory as float32, past its end)
+    # outputs of the same input: the bindings made for the old ones must not be used for them (the
+    # kernel would read NHWC data as NCHW, or bfloat16 memory as float32, past its end)
     needs_kernel()
     model = make_model(Pooling((4,)), channels_last=False, seed=12)
     x = torch.randn(12, 3, 16, 16)
@@ -747,9 +744,9 @@ def test_a_route_is_checked_against_what_each_stage_returns(monkeypatch: pytest.
     model.set_thresholds([midway(s0, 0.3), midway(s1, 0.5)])
     with torch.inference_mode():
         for i in range(12):
-            model(x[i : i + 1])  # binds the NCHW route
-        model.stages.to(memory_format=torch.channels_last)  # the ModuleList's own .to(): the routes stay
-        assert model._routes
+            model(x[i : i + 1])  # binds the NCHW layout
+        model.stages.to(memory_format=torch.channels_last)  # the ModuleList's own .to(): the bindings stay
+        assert model._natives
         for i in range(12):
             xi = x[i : i + 1]
             assert model.stages[0](xi).is_contiguous(memory_format=torch.channels_last)
@@ -837,7 +834,7 @@ def test_a_model_that_used_the_kernel_can_be_copied_and_pickled():
     torch.testing.assert_close(twin(x).logits, before.logits + 1.0)
     assert torch.equal(model(x).logits, before.logits)
     state = model.__getstate__()
-    del state["_routes"], state["_natives"]  # pickled by a version without these caches
+    del state["_plans"], state["_natives"]  # pickled by a version without these caches
     old = GatedModel.__new__(GatedModel)
     old.__setstate__(state)
     assert torch.equal(old(x).logits, before.logits)
