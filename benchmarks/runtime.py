@@ -37,8 +37,11 @@ from dgate_cli.features import PoolingPolicy, pool
 from dgate_cli.models import build_backbone
 
 
-def make_resnet50_export(out: Path, data: str, images: int, fractions=(0.3, 0.2, 0.2), seed: int = 0) -> Path:
-    """A gated ResNet-50 export with random weights, exit thresholds set by score quantiles."""
+def make_resnet50_export(
+    out: Path, data: str, images: int, fractions=(0.3, 0.2, 0.2), seed: int = 0, device: str = "cpu"
+) -> Path:
+    """A gated ResNet-50 export with random weights, exit thresholds set by score quantiles
+    (the scores computed on ``device``)."""
     torch.manual_seed(seed)
     bb = build_backbone("resnet50", model_kwargs={"num_classes": 10})
     policy = PoolingPolicy()
@@ -51,11 +54,13 @@ def make_resnet50_export(out: Path, data: str, images: int, fractions=(0.3, 0.2,
     # thresholds: the score quantile that lets the wanted share of the remaining samples out
     thresholds, alive = [], torch.ones(x.shape[0], dtype=torch.bool)
     with torch.inference_mode():
-        h = x
+        h = x.to(device)
         left = 1.0
         for k, stage in enumerate(info["stages"][:-1]):
-            h = stage(h)
-            z = pool(h, info["poolings"][k], info["layouts"][k]) @ weights[k].t() + biases[k]
+            h = stage.to(device)(h)
+            z = (
+                pool(h, info["poolings"][k], info["layouts"][k]) @ weights[k].t().to(device) + biases[k].to(device)
+            ).cpu()
             s = z.topk(2, 1).values
             s = s[:, 0] - s[:, 1]  # margin
             share = fractions[k] / left
@@ -63,6 +68,8 @@ def make_resnet50_export(out: Path, data: str, images: int, fractions=(0.3, 0.2,
             thresholds.append(t)
             alive &= s < t
             left -= fractions[k]
+    for stage in info["stages"]:
+        stage.to("cpu")
     cum = torch.tensor([c["macs"] for c in info["costs"]["stages"]], dtype=torch.float64).cumsum(0).tolist()
     data_ = {
         "schema_version": 1,
@@ -96,7 +103,14 @@ def make_resnet50_export(out: Path, data: str, images: int, fractions=(0.3, 0.2,
 
 
 def dgate_bench(
-    model_dir: Path, data: str, batch_sizes: str, images: int, repeats: int, extra: list[str], env: dict | None = None
+    model_dir: Path,
+    data: str,
+    batch_sizes: str,
+    images: int,
+    repeats: int,
+    extra: list[str],
+    env: dict | None = None,
+    device: str = "cpu",
 ) -> list[dict]:
     cmd = [
         sys.executable,
@@ -113,7 +127,7 @@ def dgate_bench(
         "--repeats",
         str(repeats),
         "--device",
-        "cpu",
+        device,
         "--json",
         *extra,
     ]
@@ -127,12 +141,18 @@ def main() -> None:
         "--r56", type=Path, nargs="+", default=[], help="calibrated CIFAR ResNet-56 exports (skipped if not given)"
     )
     ap.add_argument("--stream", action="store_true", help="also time throughput mode (dgate bench --stream)")
+    ap.add_argument(
+        "--cuda-graphs", action="store_true", help="also time with dgate bench --cuda-graphs (with --device cuda)"
+    )
     ap.add_argument("--data", default=str(CIFAR / "test"))
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (dgate bench --device)")
     ap.add_argument("--batch-size", default="1,32")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--r50-images", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over the images (noise)")
+    ap.add_argument("--only-cuda-graphs", action="store_true", help="time with dgate bench --cuda-graphs only")
     ap.add_argument("--skip-r50", action="store_true")
+    ap.add_argument("--r50-dir", type=Path, help="keep the ResNet-50 export here (made if missing, else reused)")
     ap.add_argument(
         "--malloc-system", action="store_true", help="also time ResNet-56 with DGATE_MALLOC=system (no malloc tuning)"
     )
@@ -140,21 +160,27 @@ def main() -> None:
     a = ap.parse_args()
     require_shared()
     rows = []
+    base = ["--no-exits", *(["--stream"] if a.stream else [])]
+    variants = [("", base)]  # (label suffix, dgate bench flags)
+    if a.cuda_graphs or a.only_cuda_graphs:  # graphed rows (--stream runs eagerly: not with graphs)
+        variants = variants[: 0 if a.only_cuda_graphs else 1] + [(", CUDA graphs", ["--no-exits", "--cuda-graphs"])]
     for r56 in a.r56:
-        name = f"resnet56 {r56.name}"
-        runs = [(name, ["--no-exits", *(["--stream"] if a.stream else [])], None)]
+        r56 = r56.resolve()
+        for suffix, extra in variants:
+            for r in dgate_bench(r56, a.data, a.batch_size, a.images, a.repeats, extra, None, a.device):
+                rows.append(_row(f"resnet56 {r56.name}{suffix}", r))
         if a.malloc_system:
-            runs.append((f"{name}, malloc system", [], {"DGATE_MALLOC": "system"}))
-        for label, extra, env in runs:
-            for r in dgate_bench(r56, a.data, a.batch_size, a.images, a.repeats, extra, env):
-                rows.append(_row(label, r))
+            for r in dgate_bench(r56, a.data, a.batch_size, a.images, a.repeats, [], {"DGATE_MALLOC": "system"}):
+                rows.append(_row(f"resnet56 {r56.name}, malloc system", r))
     if not a.skip_r50:
         with tempfile.TemporaryDirectory() as tmp:
-            d = make_resnet50_export(Path(tmp) / "r50", a.data, a.r50_images)
-            extra = ["--no-exits", *(["--stream"] if a.stream else [])]
-            for r in dgate_bench(d, a.data, a.batch_size, a.r50_images, a.repeats, extra):
-                rows.append(_row("resnet50 30/20/20% exits", r))
-    emit(rows, a.json, title=f"dgate bench (CPU): {rows[0]['device'] if rows else ''}")
+            d = a.r50_dir.resolve() if a.r50_dir else Path(tmp) / "r50"
+            if not (d / "dgate.json").is_file():
+                make_resnet50_export(d, a.data, a.r50_images, device=a.device)
+            for suffix, extra in variants:
+                for r in dgate_bench(d, a.data, a.batch_size, a.r50_images, a.repeats, extra, device=a.device):
+                    rows.append(_row(f"resnet50 30/20/20% exits{suffix}", r))
+    emit(rows, a.json, title=f"dgate bench ({a.device}): {rows[0]['device'] if rows else ''}")
 
 
 def _row(label: str, r: dict) -> dict:
