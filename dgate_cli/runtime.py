@@ -277,7 +277,11 @@ class GatedModel(nn.Module):
         n = h.shape[0]
         plan = self._plan(g)
         if plan.size:
-            f = _adaptive_avg_pool2d(h, plan.size)
+            s, height, width = plan.size, h.shape[-2], h.shape[-1]
+            if h.is_cuda and height % s == 0 and width % s == 0:  # even windows: 1.4-3.7x faster on a GPU
+                f = F.avg_pool2d(h, (height // s, width // s))  # (measured on an H100: benchmarks/RESULTS.md)
+            else:
+                f = _adaptive_avg_pool2d(h, s)
             if f.dtype != torch.float32:
                 f = f.float()
             if f.is_contiguous():  # NCHW (or a 1x1 grid): features in (C, s, s) order

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_runtime import device_path, make_model, midway, scores_at_gates
+from test_runtime import device_path, make_model, midway, reference_outputs, scores_at_gates
 
 from dgate_cli.cudagraphs import GraphRunner, bucket_for, buckets
 from dgate_cli.features import Pooling
@@ -115,3 +115,11 @@ def test_cuda_graphs_on_a_gpu_decide_like_the_eager_device_path(n: int):
         assert_same(got, want)
     torch.testing.assert_close(model.backbone()(x), model.backbone_forward(x), rtol=1e-5, atol=1e-5)
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU pools even windows otherwise)")
+@pytest.mark.parametrize("side", [16, 15])  # even windows (avg_pool2d), uneven (adaptive pooling)
+def test_gpu_gate_outputs_equal_pooling_then_linear(side: int):
+    model = make_model(Pooling((4,))).cuda()
+    h = torch.randn(6, 8, side, side, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.gate_outputs(0, h), reference_outputs(model, 0, h), rtol=1e-5, atol=1e-5)
