@@ -72,9 +72,15 @@ class BenchResult:
     thresholds: list[float]
     exit_names: list[str]
     rows: list[BenchRow] = field(default_factory=list)
+    cuda_graphs: bool = False  # both models run as CUDA graphs (GatedModel.use_cuda_graphs)
 
     def to_list(self) -> list[dict[str, Any]]:
-        meta = {"device": self.device, "machine": self.machine, "torch": self.torch_version}
+        meta = {
+            "device": self.device,
+            "machine": self.machine,
+            "torch": self.torch_version,
+            "cuda_graphs": self.cuda_graphs,
+        }
         return [{**asdict(r), **meta} for r in self.rows]
 
 
@@ -123,7 +129,12 @@ def bench(
     device = images.device
     model.eval()
     result = BenchResult(
-        describe(device), _machine(device), torch.__version__, list(model.thresholds), [*model.gate_names, "backbone"]
+        describe(device),
+        _machine(device),
+        torch.__version__,
+        list(model.thresholds),
+        [*model.gate_names, "backbone"],
+        cuda_graphs=model._graphs is not None and device.type == "cuda",
     )
     n = images.shape[0]
 

@@ -556,3 +556,13 @@ def test_bench_command_reports_json_for_each_batch_size(pipe: Pipeline):
     assert "% time against the backbone" in worst.stdout
     bad = CliRunner().invoke(app, [*args, "--batch-size", "1,x"])
     assert bad.exit_code == 2 and "--batch-size must be comma-separated integers" in bad.stderr
+    assert all(r["cuda_graphs"] is False for r in rows)
+    no_gpu = CliRunner().invoke(app, [*args, "--cuda-graphs"])
+    assert no_gpu.exit_code == 2 and "--cuda-graphs needs a GPU" in no_gpu.stderr and "--device cuda" in no_gpu.stderr
+    bad = CliRunner().invoke(app, [*args, "--dtype", "float64"])
+    assert bad.exit_code == 2 and "--dtype must be one of float32, float16, bfloat16" in bad.stderr
+    half = CliRunner(env={"COLUMNS": "200"}).invoke(
+        app, [*args, "--batch-size", "16", "--images", "32", "--dtype", "bfloat16"]
+    )
+    assert half.exit_code == 0, (half.stderr, half.exception)
+    assert "stages in bfloat16" in half.stdout

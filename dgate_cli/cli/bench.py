@@ -54,6 +54,19 @@ def bench_command(
             help="Also time the worst case: every open gate computed, no sample let out (what the gates cost when nothing is easy).",
         ),
     ] = False,
+    cuda_graphs: Annotated[
+        bool,
+        typer.Option(
+            "--cuda-graphs",
+            help="Run the gated model and its backbone as CUDA graphs (GPU only; pays where the GPU waits on kernel launches: small models, small batches).",
+        ),
+    ] = False,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Run the stages (of both models) in float32, float16 or bfloat16; gates stay float32. Half precision pays on GPUs; check the accuracy column.",
+        ),
+    ] = "float32",
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (default: torch's choice).", min=1, show_default=False)
     ] = None,
@@ -79,7 +92,16 @@ def bench_command(
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
-    model = load(model_dir, device=dev)
+    if cuda_graphs and dev.type != "cuda":
+        fail(f"--cuda-graphs needs a GPU, but the device is {dev}; add --device cuda or drop --cuda-graphs")
+    if cuda_graphs and stream:
+        fail("--stream runs eagerly, so it cannot be timed with --cuda-graphs; time it in a run without --cuda-graphs")
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        fail(f"--dtype must be one of {', '.join(dtypes)}, got '{dtype}'")
+    model = load(model_dir, device=dev).to(dtypes[dtype])
+    if cuda_graphs:
+        model.use_cuda_graphs()
     if max_drop is not None:
         model.use_operating_point(max_drop=max_drop)
     if thresholds is not None:
@@ -93,7 +115,7 @@ def bench_command(
     for x, y, _ in iterate(make_loader(ds, 256, indices=spread(len(ds), images))):
         xs.append(x)
         ys.append(y)
-    x = pre.normalize(torch.cat(xs).to(dev))
+    x = pre.normalize(torch.cat(xs).to(dev)).to(dtypes[dtype])
     y = torch.cat(ys)
     with progress(enabled=not json, unit="batches") as bar:
         result = bench(model, x, y, batch_sizes=sizes, repeats=repeats, progress=bar, stream=stream, no_exits=no_exits)
@@ -124,4 +146,6 @@ def bench_command(
                 f"no exits at batch {r.batch_size}: gated {100 * (1 / r.speedup - 1):+.1f}% time against the backbone"
             )
     out.print(f"machine: {result.machine}")
-    out.print(f"device: {result.device}; thresholds: {', '.join(f'{t:.4g}' for t in result.thresholds)}")
+    out.print(
+        f"device: {result.device}{'; CUDA graphs' if result.cuda_graphs else ''}; stages in {dtype}; thresholds: {', '.join(f'{t:.4g}' for t in result.thresholds)}"
+    )
