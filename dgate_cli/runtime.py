@@ -278,8 +278,8 @@ class GatedModel(nn.Module):
         plan = self._plan(g)
         if plan.size:
             s, height, width = plan.size, h.shape[-2], h.shape[-1]
-            if h.is_cuda and height % s == 0 and width % s == 0:  # even windows: 1.4-3.7x faster on a GPU
-                f = F.avg_pool2d(h, (height // s, width // s))  # (measured on an H100: benchmarks/RESULTS.md)
+            if h.is_cuda and height % s == 0 and width % s == 0:  # even windows: adaptive pooling is slow on
+                f = F.avg_pool2d(h, (height // s, width // s))  # CUDA for large ones (3.7x, H100: RESULTS.md)
             else:
                 f = _adaptive_avg_pool2d(h, s)
             if f.dtype != torch.float32:
