@@ -392,7 +392,7 @@ class GatedModel(nn.Module):
                 return self.forward(x)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self._graphs is not None and x.is_cuda:
+        if self._graphs is not None and x.is_cuda and x.shape[0] > 0:
             return self._graphs(x)
         if x.shape[0] == 1 and self.score in _LIST_SCORES:
             return self._forward_one(x)
