@@ -11,8 +11,10 @@ smallest bucket that holds them (multiples of about an eighth of the input batch
 two below that), whose padding rows are computed and ignored. Thresholds live in a device tensor, so :meth:`GatedModel.set_thresholds` needs no
 new capture unless a gate opens or closes.
 
-Results are those of the eager device path: the same operations on the same rows (padding rows
-never mix with real ones: every operation of a frozen network in eval mode is per sample).
+Results are those of the eager device path up to float rounding: the same operations on the same
+rows (padding rows never mix with real ones: every operation of a frozen network in eval mode is
+per sample), but a bucket may be larger than the eager path's batch of survivors, for which cuDNN
+and cuBLAS may pick other kernels. The static buffers are shared: one thread at a time per model.
 
 :class:`GraphRunner` also runs without CUDA (``capture=False``: each "replay" runs the segment
 eagerly into the same static buffers), which is how the bucket and compaction logic is tested
@@ -112,23 +114,24 @@ class GraphRunner:
         self.thresholds: torch.Tensor | None = None  # float32, on the device
         self.key: tuple | None = None
         self.pool = None
+        self.built: set[int] = set()  # input batch sizes whose buckets are all captured
 
-    def set_thresholds(self, t32: list[float]) -> None:
-        """New thresholds: copied into the device tensor the graphs read; a gate that opens or
-        closes drops the captures."""
+    def set_thresholds(self) -> None:
+        """The model's thresholds changed: copied into the device tensor the graphs read; a gate
+        that opens or closes drops the captures."""
         if self.thresholds is None:
             return
-        if tuple(t == math.inf for t in t32) != self.key[1]:  # type: ignore[index]
+        if _closed(self.model) != self.key[1]:  # type: ignore[index]
             self.reset()
             return
         with torch.inference_mode():  # the buffers were made in it
-            self.thresholds.copy_(torch.tensor(t32, dtype=torch.float32))
+            self.thresholds.copy_(torch.tensor(self.model._t32, dtype=torch.float32))
 
     def __call__(self, x: torch.Tensor) -> GatedOutput:
         model = self.model
         n = x.shape[0]
         self._prepare(x)
-        if (0, n) not in self.segments:
+        if n not in self.built:
             self._build(x)
         closed = self.key[1]  # type: ignore[index]
         nseg = model.num_gates + 1
@@ -185,7 +188,7 @@ class GraphRunner:
     def _prepare(self, x: torch.Tensor) -> None:
         """Drop the captures when the input's shape, dtype, device or the open gates changed."""
         model = self.model
-        key = (tuple(x.shape[1:]), tuple(t == math.inf for t in model._t32), x.dtype, x.device, model.score)
+        key = (tuple(x.shape[1:]), _closed(model), x.dtype, x.device, model.score)
         if key != self.key:
             self.reset()
             self.key = key
@@ -202,7 +205,7 @@ class GraphRunner:
         closed = self.key[1]  # type: ignore[index]
         fmt = torch.channels_last if model.channels_last and x.dim() == 4 else torch.contiguous_format
         for b in buckets(n):
-            if (0, b) in self.segments:
+            if all((g, b) in self.segments for g in range(model.num_gates + 1)):  # captured for another size
                 continue
             # the first segment's input (used at the input batch size; at the others, only
             # segments after a gate run, on the stayers gathered into the previous one's output)
@@ -216,6 +219,7 @@ class GraphRunner:
                 body = self._body(stages[g], g, head or closed[g], src, rows, self.valid[b])
                 seg = self.segments[(g, b)] = _Segment(body, src, self.capture, self.pool)
                 src = seg.outputs[0]
+        self.built.add(n)
 
     def _body(self, stage, g: int, plain: bool, src: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor):
         model = self.model
@@ -241,6 +245,12 @@ class GraphRunner:
             return h, z, p, order
 
         return segment
+
+
+def _closed(model: GatedModel) -> tuple[bool, ...]:
+    """Which gates are closed (a threshold of inf; a finite one beyond float32's range stays open,
+    as on the eager paths, and lets out only scores of +inf)."""
+    return tuple(t == math.inf for t in model._thresholds)
 
 
 class GraphChain:

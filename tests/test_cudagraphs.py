@@ -51,7 +51,7 @@ def test_replayed_segments_decide_like_the_device_path(score: str):
     for thresholds in cases:
         model.set_thresholds(thresholds)
         want = device_path(model, x)
-        runner.set_thresholds(model._t32)
+        runner.set_thresholds()
         for _ in range(2):  # the second call reuses every buffer of the first
             assert_same(run(runner, x), want)
     assert sorted({e for c in cases[:1] for e in device_path(model.set_thresholds(c), x).exit.tolist()}) == [0, 1, 2]
@@ -69,6 +69,9 @@ def test_another_batch_size_shares_the_buckets_and_order_is_kept():
     assert_same(run(runner, x5), device_path(model, x5))
     assert set(runner.segments) - captured == {(g, b) for g in range(3) for b in (3, 5)}  # buckets(5) = 1..5
     assert_same(run(runner, x13), device_path(model, x13))
+    x8 = torch.randn(8, 3, 16, 16)  # a bucket of 13 already, but buckets(8) has 3, 5 and 7 besides
+    assert_same(run(runner, x8), device_path(model, x8))
+    assert {b for _, b in runner.segments} == set(buckets(13)) | set(buckets(5)) | set(buckets(8))
 
 
 def test_thresholds_reach_the_captures_and_opening_a_gate_captures_again():
@@ -83,6 +86,8 @@ def test_thresholds_reach_the_captures_and_opening_a_gate_captures_again():
     model.set_thresholds([midway(s0, 0.25), midway(s1, 0.75)])  # new values: the same captures
     assert runner.segments == before and runner.thresholds.tolist() == pytest.approx(model._t32)
     assert_same(run(runner, x), device_path(model, x))
+    model.set_thresholds([midway(s0, 0.25), 1e39])  # beyond float32 but finite: open, as on the eager paths
+    assert runner.segments == before and runner.thresholds.tolist()[1] == math.inf
     model.set_thresholds([midway(s0, 0.25), math.inf])  # gate 1 closes: captured again
     assert runner.segments == {}
     assert_same(run(runner, x), device_path(model, x))
@@ -96,7 +101,11 @@ def test_cpu_inputs_ignore_the_graphs_and_the_backbone_follows_the_setting():
     model.set_thresholds([midway(s0, 0.5), math.inf])
     assert_same(model(x), device_path(model, x))
     assert model._graphs.segments == {}  # nothing captured for a CPU batch
-    assert model.backbone()._graph is not None
+    backbone = model.backbone()
+    assert backbone._graph is not None
+    backbone._graph.graphs["captured"] = None  # (stands for a capture reading the old parameters)
+    backbone.float()  # new parameter storage drops the backbone's graphs too
+    assert backbone._graph.graphs == {}
     assert model.use_cuda_graphs(False).backbone()._graph is None
     torch.testing.assert_close(model.backbone()(x), model.backbone_forward(x))
 
