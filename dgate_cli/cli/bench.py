@@ -58,7 +58,7 @@ def bench_command(
         bool,
         typer.Option(
             "--cuda-graphs",
-            help="Run the gated model and its backbone as CUDA graphs (GPU only; pays where the GPU waits on kernel launches: small models, small batches).",
+            help="Run the gated model and its backbone as CUDA graphs (GPU only): lower latency for small models and batches, though the gates' host round trips then weigh more against the backbone.",
         ),
     ] = False,
     dtype: Annotated[
