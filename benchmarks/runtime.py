@@ -163,10 +163,11 @@ def main() -> None:
     a = ap.parse_args()
     require_shared()
     rows = []
-    base = ["--no-exits", *(["--stream"] if a.stream else [])]
-    variants = [("", base)]  # (label suffix, dgate bench flags)
-    if a.cuda_graphs or a.only_cuda_graphs:  # graphed rows (--stream runs eagerly: not with graphs)
-        variants = variants[: 0 if a.only_cuda_graphs else 1] + [(", CUDA graphs", ["--no-exits", "--cuda-graphs"])]
+    variants = []  # (label suffix, dgate bench flags)
+    if not a.only_cuda_graphs:
+        variants.append(("", ["--no-exits", *(["--stream"] if a.stream else [])]))
+    if a.cuda_graphs or a.only_cuda_graphs:  # (--stream runs eagerly: not with graphs)
+        variants.append((", CUDA graphs", ["--no-exits", "--cuda-graphs"]))
     for r56 in a.r56:
         r56 = r56.resolve()
         for suffix, extra in variants:

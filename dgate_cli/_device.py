@@ -1,10 +1,24 @@
-"""Choosing a torch device from ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+"""Choosing a torch device from ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, and a dtype by name."""
 
 from __future__ import annotations
 
 import torch
 
 from .errors import SpecError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, what: str = "dtype") -> torch.dtype:
+    """The torch dtype called ``name`` (one of :data:`DTYPES`); a clear error naming ``what`` else.
+
+    Example:
+        >>> resolve_dtype("bfloat16")
+        torch.bfloat16
+    """
+    if name not in DTYPES:
+        raise SpecError(f"{what} must be one of {', '.join(DTYPES)}, got '{name}'")
+    return DTYPES[name]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -134,7 +134,7 @@ def bench(
         torch.__version__,
         list(model.thresholds),
         [*model.gate_names, "backbone"],
-        cuda_graphs=model._graphs is not None and device.type == "cuda",
+        cuda_graphs=model.cuda_graphs and device.type == "cuda",
     )
     n = images.shape[0]
 

@@ -8,8 +8,9 @@ outputs, exit scores, who leaves, how many, and a stable sort that puts the stay
 captured once per batch-size bucket and replayed as one launch. Between segments the host reads
 one number (how many left, copied to pinned memory by the graph) and gathers the stayers into the
 smallest bucket that holds them (multiples of about an eighth of the input batch size, powers of
-two below that), whose padding rows are computed and ignored. Thresholds live in a device tensor, so :meth:`GatedModel.set_thresholds` needs no
-new capture unless a gate opens or closes.
+two below that), whose padding rows are computed and ignored. Thresholds live in a device tensor
+(refreshed when the model's change), so new values need no new capture; a gate that opens or
+closes does.
 
 Results are those of the eager device path up to float rounding: the same operations on the same
 rows (padding rows never mix with real ones: every operation of a frozen network in eval mode is
@@ -111,21 +112,12 @@ class GraphRunner:
         self.inputs: dict[int, torch.Tensor] = {}  # bucket -> the first segment's input
         self.valid: dict[int, torch.Tensor] = {}  # bucket -> rows in use (a device scalar)
         self.counts: torch.Tensor | None = None  # per gate, how many left (host memory the graphs write)
-        self.thresholds: torch.Tensor | None = None  # float32, on the device
+        self.thresholds: torch.Tensor | None = None  # float32, on the device: the graphs read it
+        self.t32: list[float] = []  # what it holds
+        self.closed: tuple[bool, ...] = ()  # per gate, as captured
         self.key: tuple | None = None
         self.pool = None
         self.built: set[int] = set()  # input batch sizes whose buckets are all captured
-
-    def set_thresholds(self) -> None:
-        """The model's thresholds changed: copied into the device tensor the graphs read; a gate
-        that opens or closes drops the captures."""
-        if self.thresholds is None:
-            return
-        if _closed(self.model) != self.key[1]:  # type: ignore[index]
-            self.reset()
-            return
-        with torch.inference_mode():  # the buffers were made in it
-            self.thresholds.copy_(torch.tensor(self.model._t32, dtype=torch.float32))
 
     def __call__(self, x: torch.Tensor) -> GatedOutput:
         model = self.model
@@ -133,7 +125,7 @@ class GraphRunner:
         self._prepare(x)
         if n not in self.built:
             self._build(x)
-        closed = self.key[1]  # type: ignore[index]
+        closed = self.closed
         nseg = model.num_gates + 1
         self.inputs[n].copy_(x)
         self.valid[n].fill_(n)
@@ -186,15 +178,21 @@ class GraphRunner:
             torch.cuda.current_stream().synchronize()
 
     def _prepare(self, x: torch.Tensor) -> None:
-        """Drop the captures when the input's shape, dtype, device or the open gates changed."""
+        """Drop the captures when the input's shape, dtype, device, the exit rule or the open
+        gates changed (a threshold of inf closes a gate; a finite one beyond float32's range
+        stays open, as on the eager paths); refresh the thresholds the graphs read."""
         model = self.model
-        key = (tuple(x.shape[1:]), _closed(model), x.dtype, x.device, model.score)
+        closed = tuple(t == math.inf for t in model._thresholds)
+        key = (tuple(x.shape[1:]), closed, x.dtype, x.device, model.score)
         if key != self.key:
             self.reset()
-            self.key = key
-            self.thresholds = torch.tensor(model._t32, dtype=torch.float32, device=x.device)
+            self.key, self.closed = key, closed
+            self.thresholds = torch.empty(model.num_gates, dtype=torch.float32, device=x.device)
             self.counts = torch.zeros(model.num_gates, dtype=torch.int64, pin_memory=self.capture)
             self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        if self.t32 != model._t32:
+            self.thresholds.copy_(torch.tensor(model._t32, dtype=torch.float32))  # type: ignore[union-attr]
+            self.t32 = list(model._t32)
 
     def _build(self, x: torch.Tensor) -> None:
         """Capture every segment at every bucket of ``x``'s batch size (buckets already captured
@@ -202,7 +200,6 @@ class GraphRunner:
         model = self.model
         n = x.shape[0]
         stages = list(model.stages)
-        closed = self.key[1]  # type: ignore[index]
         fmt = torch.channels_last if model.channels_last and x.dim() == 4 else torch.contiguous_format
         for b in buckets(n):
             if all((g, b) in self.segments for g in range(model.num_gates + 1)):  # captured for another size
@@ -215,24 +212,26 @@ class GraphRunner:
             self.valid[b] = torch.full((), b, dtype=torch.int64, device=x.device)
             rows = torch.arange(b, device=x.device)
             for g in range(model.num_gates + 1):
-                head = g == model.num_gates
-                body = self._body(stages[g], g, head or closed[g], src, rows, self.valid[b])
+                body = self._body(stages[g], g, src, rows, self.valid[b])
                 seg = self.segments[(g, b)] = _Segment(body, src, self.capture, self.pool)
                 src = seg.outputs[0]
         self.built.add(n)
 
-    def _body(self, stage, g: int, plain: bool, src: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor):
+    def _body(self, stage, g: int, src: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor):
+        """What segment ``g`` computes from its input buffer ``src``: the head's logits and
+        classes; a closed gate's stage output; or an open gate's stage output, outputs, classes
+        and order (stayers first; how many left goes to the pinned counts)."""
         model = self.model
         counts, thresholds = self.counts, self.thresholds
 
-        if plain and g == model.num_gates:
+        if g == model.num_gates:
 
             def head() -> tuple[torch.Tensor, ...]:
                 out = stage(src).float()
                 return out, out.argmax(1)
 
             return head
-        if plain:
+        if self.closed[g]:
             return lambda: (stage(src),)
 
         def segment() -> tuple[torch.Tensor, ...]:
@@ -247,36 +246,20 @@ class GraphRunner:
         return segment
 
 
-def _closed(model: GatedModel) -> tuple[bool, ...]:
-    """Which gates are closed (a threshold of inf; a finite one beyond float32's range stays open,
-    as on the eager paths, and lets out only scores of +inf)."""
-    return tuple(t == math.inf for t in model._thresholds)
-
-
 class GraphChain:
-    """The backbone (stages chained, no gates) as one CUDA graph per batch size: the baseline a
-    graphed gated model is timed against."""
+    """A function of one tensor (the backbone's eager forward) as one CUDA graph per input shape,
+    dtype, device and memory format: the baseline a graphed gated model is timed against."""
 
-    def __init__(self, stages, channels_last: bool, capture: bool = True):
-        self.stages = list(stages)
-        self.channels_last = channels_last
-        self.capture = capture
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.fn = fn
         self.graphs: dict[tuple, tuple[torch.Tensor, _Segment]] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype, x.device)
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device)
         entry = self.graphs.get(key)
         if entry is None:
-            fmt = torch.channels_last if self.channels_last and x.dim() == 4 else torch.contiguous_format
-            inp = torch.zeros_like(x).contiguous(memory_format=fmt)
-
-            def chain() -> tuple[torch.Tensor, ...]:
-                h = inp
-                for stage in self.stages:
-                    h = stage(h)
-                return (h.float(),)
-
-            entry = self.graphs[key] = (inp, _Segment(chain, inp, self.capture, None))
+            inp = torch.zeros_like(x)  # (its memory format too)
+            entry = self.graphs[key] = (inp, _Segment(lambda: (self.fn(inp),), inp, True, None))
         inp, seg = entry
         inp.copy_(x)
         seg.replay()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from . import cache
-from ._device import describe, resolve_device
+from ._device import describe, resolve_device, resolve_dtype
 from .data import ImageDataset, iterate, make_loader, open_dataset
 from .errors import CacheMismatchError, DataError, SpecError
 from .features import Pooling, PoolingPolicy, layout_of, pool
@@ -21,7 +21,6 @@ from .models import Backbone, build_backbone
 from .models.staging import run_stages
 
 ProgressFn = Callable[[str, int, int], None]
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_BYTES = 256 << 20
 
 
@@ -221,8 +220,7 @@ def extract(
     run_dir = Path(run_dir)
     if not splits:
         raise SpecError("no data to extract; pass --train and --val (and optionally --test)")
-    if feature_dtype not in _DTYPES:
-        raise SpecError(f"feature dtype must be one of {', '.join(_DTYPES)}, got '{feature_dtype}'")
+    resolve_dtype(feature_dtype, "feature dtype")
     if batch_size < 1:
         raise SpecError(f"--batch-size must be at least 1, got {batch_size}")
     if isinstance(pooling, Pooling):
@@ -312,7 +310,7 @@ def _extract_split(
         index = cache.SplitIndex(identity, str(dataset.spec), fingerprint, len(dataset), shard_size, config.classes)
         cache.write_index(run_dir, split, index)
     resumed = index.done
-    dtype = _DTYPES[config.feature_dtype]
+    dtype = resolve_dtype(config.feature_dtype)
     poolings = [Pooling.from_dict(p) for p in config.gate_pooling]
     writer = cache.SplitWriter(run_dir, split, index)
     loader = make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda", start=resumed)

@@ -200,8 +200,6 @@ class GatedModel(nn.Module):
     def thresholds(self, values: Sequence[float]) -> None:
         self._thresholds = list(values)
         self._t32 = [_f32(t) for t in self._thresholds]
-        if getattr(self, "_graphs", None) is not None:
-            self._graphs.set_thresholds()
 
     def use_operating_point(self, max_drop: float | None = None, index: int | None = None) -> OperatingPoint:
         """Switch to a stored frontier point: the cheapest whose promised accuracy (its calibration
@@ -365,6 +363,11 @@ class GatedModel(nn.Module):
         """
         self._graphs = GraphRunner(self) if enabled else None
         return self
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether CUDA inputs run through CUDA graphs (:meth:`use_cuda_graphs`)."""
+        return self._graphs is not None
 
     def _plan(self, g: int) -> _GatePlan:
         """How gate ``g`` reads its stage output (cached until the model moves): the weights as a
@@ -633,7 +636,7 @@ class GatedModel(nn.Module):
     def backbone(self) -> Backbone:
         """The backbone without gates as a module sharing these stages: ``model.backbone()(x)``
         gives its logits. The baseline of ``dgate bench``, called as the gated model is."""
-        return Backbone(self.stages, self.channels_last, cuda_graphs=self._graphs is not None)
+        return Backbone(self.stages, self.channels_last, cuda_graphs=self.cuda_graphs)
 
     def extra_repr(self) -> str:
         gates = ", ".join(f"{n}@{t:.4g}" for n, t in zip(self.gate_names, self._thresholds, strict=True))
@@ -652,7 +655,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.stages = stages
         self.channels_last = channels_last
-        self._graph = GraphChain(stages, channels_last) if cuda_graphs else None
+        self._graph = GraphChain(self._eager) if cuda_graphs else None
 
     def _apply(self, fn, recurse=True):  # new parameter storage: the graphs read the old
         if self._graph is not None:
@@ -663,6 +666,9 @@ class Backbone(nn.Module):
         if self._graph is not None and x.is_cuda:
             with torch.inference_mode():
                 return self._graph(x)
+        return self._eager(x)
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
         return _chain(self.stages, self.channels_last, x)
 
 

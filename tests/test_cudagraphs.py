@@ -51,7 +51,6 @@ def test_replayed_segments_decide_like_the_device_path(score: str):
     for thresholds in cases:
         model.set_thresholds(thresholds)
         want = device_path(model, x)
-        runner.set_thresholds()
         for _ in range(2):  # the second call reuses every buffer of the first
             assert_same(run(runner, x), want)
     assert sorted({e for c in cases[:1] for e in device_path(model.set_thresholds(c), x).exit.tolist()}) == [0, 1, 2]
@@ -84,13 +83,15 @@ def test_thresholds_reach_the_captures_and_opening_a_gate_captures_again():
     run(runner, x)
     before = dict(runner.segments)
     model.set_thresholds([midway(s0, 0.25), midway(s1, 0.75)])  # new values: the same captures
-    assert runner.segments == before and runner.thresholds.tolist() == pytest.approx(model._t32)
     assert_same(run(runner, x), device_path(model, x))
+    assert runner.segments == before and runner.thresholds.tolist() == pytest.approx(model._t32)
     model.set_thresholds([midway(s0, 0.25), 1e39])  # beyond float32 but finite: open, as on the eager paths
+    assert_same(run(runner, x), device_path(model, x))
     assert runner.segments == before and runner.thresholds.tolist()[1] == math.inf
     model.set_thresholds([midway(s0, 0.25), math.inf])  # gate 1 closes: captured again
-    assert runner.segments == {}
+    assert runner.closed == (False, False)  # (until the next call)
     assert_same(run(runner, x), device_path(model, x))
+    assert runner.closed == (False, True)
     assert runner.segments and all(runner.segments[k] is not before.get(k) for k in runner.segments)
 
 

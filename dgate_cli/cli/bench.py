@@ -9,7 +9,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .._device import resolve_device
+from .._device import resolve_device, resolve_dtype
 from ..bench import bench
 from ..data import iterate, make_loader, open_dataset, spread
 from ..export import load
@@ -96,10 +96,8 @@ def bench_command(
         fail(f"--cuda-graphs needs a GPU, but the device is {dev}; add --device cuda or drop --cuda-graphs")
     if cuda_graphs and stream:
         fail("--stream runs eagerly, so it cannot be timed with --cuda-graphs; time it in a run without --cuda-graphs")
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in dtypes:
-        fail(f"--dtype must be one of {', '.join(dtypes)}, got '{dtype}'")
-    model = load(model_dir, device=dev).to(dtypes[dtype])
+    stage_dtype = resolve_dtype(dtype, "--dtype")
+    model = load(model_dir, device=dev).to(stage_dtype)
     if cuda_graphs:
         model.use_cuda_graphs()
     if max_drop is not None:
@@ -115,7 +113,7 @@ def bench_command(
     for x, y, _ in iterate(make_loader(ds, 256, indices=spread(len(ds), images))):
         xs.append(x)
         ys.append(y)
-    x = pre.normalize(torch.cat(xs).to(dev)).to(dtypes[dtype])
+    x = pre.normalize(torch.cat(xs).to(dev)).to(stage_dtype)
     y = torch.cat(ys)
     with progress(enabled=not json, unit="batches") as bar:
         result = bench(model, x, y, batch_sizes=sizes, repeats=repeats, progress=bar, stream=stream, no_exits=no_exits)
