@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from . import _io, cache, manifest
 from ._version import __version__
 from .calibrate import read_calibration
+from .cpu_fusion import fuse_pointwise
 from .errors import CacheMismatchError, ManifestError, MissingFileError
 from .features import Pooling
 from .fit import read_gates
@@ -166,7 +167,8 @@ def load(
         verify: check ``model.safetensors`` against the sha256 in the manifest (default).
         channels_last: run convolutions in channels-last memory format.
         fuse: fold BatchNorm into the convolutions before it (faster inference, same results to
-            float rounding).
+            float rounding); on a CPU also run each convolution and the ReLU and residual add
+            after it as one oneDNN call on batches (:mod:`.cpu_fusion`; the same results).
 
     Example:
         >>> model = load("models/r56-gated")  # doctest: +SKIP
@@ -200,9 +202,12 @@ def load(
             f"{directory}: gates {names} do not resolve in execution order in {backbone.spec}; re-export the model"
         )
     stages = backbone.graph.split(cuts)
+    dev = resolve_device(device)
     if fuse:
         with torch.no_grad():
             stages = [fuse_batchnorm(s) for s in stages]
+        if dev.type == "cpu":
+            stages = [fuse_pointwise(s) for s in stages]
     try:
         weights = [tensors[f"gates.{i}.weight"] for i in range(len(names))]
         biases = [tensors[f"gates.{i}.bias"] for i in range(len(names))]
@@ -223,7 +228,6 @@ def load(
         channels_last=channels_last,
         manifest=data,
     )
-    dev = resolve_device(device)
     model.to(dev)
     if channels_last:
         model.stages.to(memory_format=torch.channels_last)

@@ -18,7 +18,7 @@ from conftest import DEMO_GATES
 from safetensors import safe_open
 
 import dgate_cli
-from dgate_cli import _io, cache, demo, manifest
+from dgate_cli import _io, cache, cpu_fusion, demo, manifest
 from dgate_cli.calibrate import CalibrationResult, calibrate, outcomes
 from dgate_cli.data import open_dataset
 from dgate_cli.errors import CacheMismatchError, ManifestError, SpecError
@@ -307,6 +307,25 @@ def test_batch_size_does_not_change_decisions(pipe: Pipeline, val_images, cached
     halves = [model(x[:40]), model(x[40:])]
     assert torch.equal(torch.cat([h.exit for h in halves]), big.exit)
     assert torch.equal(torch.cat([h.pred for h in halves]), big.pred)
+
+
+def test_cpu_load_fuses_conv_relu_with_the_same_results(pipe: Pipeline, val_images, cached, monkeypatch):
+    model = dgate_cli.load(pipe.export_dir)
+    model.set_thresholds(mixed_thresholds(cached[0]))
+    fused = [m for m in model.stages.modules() if isinstance(m, cpu_fusion.FusedConv2d)]
+    # the demo CNN: the stem conv -> relu, and in each of 6 blocks conv1 -> relu and conv2 -> add -> relu
+    assert len(fused) == (13 if cpu_fusion.available() else 0)
+    assert sum(m.add for m in fused) == (6 if cpu_fusion.available() else 0)
+    monkeypatch.setattr("dgate_cli.export.fuse_pointwise", lambda stage: stage)
+    plain = dgate_cli.load(pipe.export_dir)
+    plain.set_thresholds(model.thresholds)
+    assert not any(isinstance(m, cpu_fusion.FusedConv2d) for m in plain.stages.modules())
+    x = val_images[0][:64]
+    with torch.inference_mode():
+        a, b = model(x), plain(x)
+        assert torch.equal(a.exit, b.exit) and torch.equal(a.pred, b.pred)
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model.backbone_forward(x), plain.backbone_forward(x), rtol=1e-6, atol=1e-6)
 
 
 def test_operating_points_switch_without_recalibrating(pipe: Pipeline, val_images, cached):

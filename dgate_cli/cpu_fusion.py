@@ -1,0 +1,168 @@
+"""One oneDNN call for a convolution and the ReLU and residual add after it, on CPU batches.
+
+On an x86 CPU PyTorch runs a float32 convolution on a batch through oneDNN, then ReLU and the
+residual add as passes of their own over the output. :func:`fuse_pointwise` rewrites a stage's
+``torch.fx`` graph so that ``conv -> relu``, ``conv -> add`` and ``conv -> add -> relu`` are one
+:class:`FusedConv2d` call, which on a CPU batch of two rows or more runs them as one oneDNN
+convolution with post-ops (``torch.ops.mkldnn._convolution_pointwise``, the op ``torch.compile``
+uses for CPU inference). Measured on a 2-core EPYC (``benchmarks/onednn_fusion.py``): the same bits
+as the separate ops; a torchvision ResNet-50 at 224 px, batch 32, 7% faster (more in ``layer1``,
+whose large activations the separate passes read and write again); a CIFAR ResNet-56 3%.
+
+Anything else runs the module's own ops, as before the rewrite: a single row (PyTorch does not use
+oneDNN for it, and is faster so), a GPU, another dtype, autograd, oneDNN switched off
+(``torch.backends.mkldnn.flags(enabled=False)``), or a PyTorch without the op. The fused module
+replaces the convolution at its own name, so parameter names do not change.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+
+def _find_op():
+    try:
+        op = torch.ops.mkldnn._convolution_pointwise
+        return op if torch.backends.mkldnn.is_available() and hasattr(op, "binary") else None
+    except (AttributeError, RuntimeError):  # torch.ops raises for an op it does not have
+        return None
+
+
+_OP = _find_op()
+
+
+def available() -> bool:
+    """Whether this PyTorch has oneDNN and its fused convolution op."""
+    return _OP is not None
+
+
+class FusedConv2d(nn.Conv2d):
+    """A ``Conv2d``, then optionally ``+ other`` and a ReLU: one oneDNN call on CPU batches.
+
+    Built by :func:`fuse_pointwise` from an existing convolution (shares its parameters).
+    """
+
+    add: bool
+    relu: bool
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d, add: bool, relu: bool) -> FusedConv2d:
+        fused = cls.__new__(cls)
+        fused.__dict__.update(conv.__dict__)  # the same parameters, buffers and hooks
+        fused._parameters = dict(conv._parameters)
+        fused.add, fused.relu = add, relu
+        return fused
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if (
+            x.dim() == 4
+            and x.shape[0] > 1
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            and torch._C._get_mkldnn_enabled()
+        ):
+            pad, stride, dil = list(self.padding), list(self.stride), list(self.dilation)
+            if other is None:
+                return _OP(
+                    x, self.weight, self.bias, pad, stride, dil, self.groups, "relu" if self.relu else "none", [], ""
+                )
+            if other.dtype == x.dtype and other.shape == self._out_shape(x):
+                fmt = (
+                    torch.channels_last
+                    if x.is_contiguous(memory_format=torch.channels_last)
+                    else torch.contiguous_format
+                )
+                return _OP.binary(
+                    x,
+                    other.contiguous(memory_format=fmt),
+                    self.weight,
+                    self.bias,
+                    pad,
+                    stride,
+                    dil,
+                    self.groups,
+                    "add",
+                    None,
+                    "relu" if self.relu else None,
+                    [],
+                    "",
+                )
+        y = self._conv_forward(x, self.weight, self.bias)
+        if other is not None:
+            y = y + other
+        return F.relu(y) if self.relu else y
+
+    def _out_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        return (x.shape[0], self.out_channels) + tuple(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(
+                x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride, strict=True
+            )
+        )
+
+
+def _is_relu(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return (
+        (n.op == "call_function" and n.target in (F.relu, torch.relu))
+        or (n.op == "call_method" and n.target == "relu")
+        or (n.op == "call_module" and type(modules.get(str(n.target))) is nn.ReLU)
+    )
+
+
+def _fusable(m: nn.Module | None) -> bool:
+    return (
+        type(m) is nn.Conv2d
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+        and m.weight.dtype == torch.float32
+    )
+
+
+def fuse_pointwise(stage: nn.Module) -> nn.Module:
+    """``stage`` with each ``conv -> [add ->] relu`` and ``conv -> add`` as one :class:`FusedConv2d`.
+
+    Rewrites a ``torch.fx.GraphModule`` in place and returns it; anything else, or a PyTorch without
+    oneDNN, is returned unchanged. A convolution whose output has other users stays as it is.
+    """
+    if not isinstance(stage, fx.GraphModule) or not available():
+        return stage
+    modules = dict(stage.named_modules())
+    graph = stage.graph
+    changed = False
+    for node in list(graph.nodes):
+        conv = modules.get(str(node.target)) if node.op == "call_module" else None
+        if not _fusable(conv) or len(node.users) != 1:
+            continue
+        chain, other = [node], None
+        user = next(iter(node.users))
+        if (
+            user.op == "call_function"
+            and user.target in (operator.add, torch.add)
+            and len(user.args) == 2
+            and not user.kwargs
+        ):
+            o = user.args[1] if user.args[0] is node else user.args[0]
+            if isinstance(o, fx.Node) and o is not node:
+                chain, other = [node, user], o
+        after = list(chain[-1].users)
+        if len(after) == 1 and _is_relu(after[0], modules):
+            chain.append(after[0])
+        if len(chain) == 1:  # nothing to fuse: keep PyTorch's own convolution
+            continue
+        relu = _is_relu(chain[-1], modules)
+        stage.set_submodule(str(node.target), FusedConv2d.of(conv, other is not None, relu))
+        with graph.inserting_after(chain[-1]):
+            fused = graph.call_module(str(node.target), (node.args[0],) if other is None else (node.args[0], other))
+        chain[-1].replace_all_uses_with(fused)
+        for n in reversed(chain):
+            graph.erase_node(n)
+        changed = True
+    if changed:
+        graph.lint()
+        stage.recompile()
+    return stage
