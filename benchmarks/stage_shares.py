@@ -20,7 +20,7 @@ import time
 import torch
 from _common import emit
 
-from dgate_cli import load
+from dgate_cli import load, tune_malloc
 
 
 def timed_ms(fn, device: torch.device, reps: int = 20) -> float:
@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     device = torch.device(a.device)
+    if device.type == "cpu":
+        tune_malloc()  # as the dgate command line does: without it CPU stage times are not dgate bench's
     model = load(a.model, device=device)
     stages = list(model.stages)
     exits = [float(e) for e in a.exits.split(",")]
