@@ -10,9 +10,11 @@ as the separate ops; a torchvision ResNet-50 at 224 px, batch 32, 7% faster (mor
 whose large activations the separate passes read and write again); a CIFAR ResNet-56 3%.
 
 Anything else runs the module's own ops, as before the rewrite: a single row (PyTorch does not use
-oneDNN for it, and is faster so), a GPU, another dtype, autograd, oneDNN switched off
+oneDNN for it, and is faster so), a GPU, another dtype, autocast, grad mode, oneDNN switched off
 (``torch.backends.mkldnn.flags(enabled=False)``), or a PyTorch without the op. The fused module
-replaces the convolution at its own name, so parameter names do not change.
+replaces the convolution at its own name, so parameter names do not change. Left as they are: a
+convolution called at more than one place, with hooks, or with an in-place op between it and the
+ops it would absorb.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ def _find_op():
 _OP = _find_op()
 
 
+def _autocast_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def available() -> bool:
     """Whether this PyTorch has oneDNN and its fused convolution op."""
     return _OP is not None
@@ -52,26 +61,33 @@ class FusedConv2d(nn.Conv2d):
     @classmethod
     def of(cls, conv: nn.Conv2d, add: bool, relu: bool) -> FusedConv2d:
         fused = cls.__new__(cls)
-        fused.__dict__.update(conv.__dict__)  # the same parameters, buffers and hooks
-        fused._parameters = dict(conv._parameters)
+        # the same parameters and settings; its own dicts of them (and of hooks), so that
+        # registering something on one module does not register it on the other
+        fused.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in conv.__dict__.items()})
         fused.add, fused.relu = add, relu
         return fused
 
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", + other" if self.add else "") + (", relu" if self.relu else "")
+
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        """``relu(conv(x) + other)`` (each part as built): one oneDNN call where it applies."""
         if (
             x.dim() == 4
             and x.shape[0] > 1
             and x.device.type == "cpu"
             and x.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            and self.weight.dtype == torch.float32
+            and not torch.is_grad_enabled()  # the op has no autograd formula
             and torch._C._get_mkldnn_enabled()
+            and not _autocast_cpu()
         ):
             pad, stride, dil = list(self.padding), list(self.stride), list(self.dilation)
             if other is None:
                 return _OP(
                     x, self.weight, self.bias, pad, stride, dil, self.groups, "relu" if self.relu else "none", [], ""
                 )
-            if other.dtype == x.dtype and other.shape == self._out_shape(x):
+            if isinstance(other, torch.Tensor) and other.dtype == x.dtype and other.shape == self._out_shape(x):
                 fmt = (
                     torch.channels_last
                     if x.is_contiguous(memory_format=torch.channels_last)
@@ -120,7 +136,35 @@ def _fusable(m: nn.Module | None) -> bool:
         and m.padding_mode == "zeros"
         and not isinstance(m.padding, str)
         and m.weight.dtype == torch.float32
+        and not (m._forward_hooks or m._forward_pre_hooks)
     )
+
+
+_IN_PLACE_OPERATORS = {
+    getattr(operator, f"i{name}")
+    for name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor")
+}
+
+
+def _in_place(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if n.kwargs.get("inplace") is True:
+        return True
+    if n.op == "call_module":
+        return getattr(modules.get(str(n.target)), "inplace", False) is True
+    if n.op == "call_method":
+        return str(n.target).endswith("_")
+    if n.op == "call_function":
+        return n.target in _IN_PLACE_OPERATORS or getattr(n.target, "__name__", "").endswith("_")
+    return False
+
+
+def _in_place_between(first: fx.Node, chain: list[fx.Node], modules: dict[str, nn.Module]) -> bool:
+    n = first.next
+    while n is not chain[-1]:
+        if n not in chain and _in_place(n, modules):
+            return True
+        n = n.next
+    return False
 
 
 def fuse_pointwise(stage: nn.Module) -> nn.Module:
@@ -133,10 +177,16 @@ def fuse_pointwise(stage: nn.Module) -> nn.Module:
         return stage
     modules = dict(stage.named_modules())
     graph = stage.graph
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     changed = False
     for node in list(graph.nodes):
         conv = modules.get(str(node.target)) if node.op == "call_module" else None
-        if not _fusable(conv) or len(node.users) != 1:
+        if not _fusable(conv) or calls[str(node.target)] != 1 or len(node.users) != 1:
+            continue
+        if len(node.args) != 1 or node.kwargs:
             continue
         chain, other = [node], None
         user = next(iter(node.users))
@@ -153,6 +203,8 @@ def fuse_pointwise(stage: nn.Module) -> nn.Module:
         if len(after) == 1 and _is_relu(after[0], modules):
             chain.append(after[0])
         if len(chain) == 1:  # nothing to fuse: keep PyTorch's own convolution
+            continue
+        if _in_place_between(node, chain, modules):  # the fused call runs at chain[-1]'s place
             continue
         relu = _is_relu(chain[-1], modules)
         stage.set_submodule(str(node.target), FusedConv2d.of(conv, other is not None, relu))

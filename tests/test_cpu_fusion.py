@@ -135,3 +135,53 @@ def test_other_dtypes_and_modules_are_left_alone():
     x = torch.randn(2, 8, 12, 12, dtype=torch.float64)
     with torch.inference_mode():
         torch.testing.assert_close(gm(x), ref.double()(x), rtol=1e-12, atol=1e-12)
+
+
+class Awkward(nn.Module):
+    """Graphs the rewrite must leave alone, or fuse without changing what they compute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.twice = nn.Conv2d(4, 4, 3, padding=1)  # called at two places
+        self.before = nn.Conv2d(4, 4, 3, padding=1)  # an in-place op on its input before its relu
+        self.sized = nn.Conv2d(4, 4, 1)  # + an int
+
+    def forward(self, x):
+        h = self.twice(F.relu(self.twice(x)))
+        y = self.before(h)
+        z = F.relu(h, inplace=True)
+        out = F.relu(y) + z
+        return self.sized(out) + out.size(1)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_awkward_graphs_compute_what_they_did(n):
+    torch.manual_seed(2)
+    ref = Awkward().eval()
+    gm = _rewritten(copy.deepcopy(ref))
+    assert type(gm.twice) is nn.Conv2d and type(gm.before) is nn.Conv2d
+    assert isinstance(gm.sized, FusedConv2d) and gm.sized.add  # an int other: runs the ops
+    x = torch.randn(n, 4, 6, 6)
+    with torch.inference_mode():
+        torch.testing.assert_close(gm(x.clone()), ref(x.clone()), rtol=1e-6, atol=1e-6)
+
+
+def test_grad_mode_and_autocast_run_the_modules_own_ops(block):
+    gm = _rewritten(copy.deepcopy(block))
+    for m in gm.modules():  # BitFit-style: only the biases train
+        for name, p in m.named_parameters(recurse=False):
+            p.requires_grad_(name == "bias")
+    x = torch.randn(3, 8, 12, 12)
+    gm(x).sum().backward()
+    assert gm.b.bias.grad is not None and gm.b.bias.grad.abs().sum() > 0
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gm(x).dtype == block(x).dtype == torch.bfloat16
+        assert gm.a(x).dtype == F.relu(block.a(x)).dtype == torch.bfloat16  # a float32 input
+
+
+def test_the_fused_module_has_its_own_hook_dicts(block):
+    traced = fx.symbolic_trace(block)  # shares its leaf modules with block
+    gm = fuse_pointwise(traced)
+    gm.a.register_forward_hook(lambda *args: None)
+    assert not block.a._forward_hooks
+    assert "relu" in repr(gm.a) and "+ other" in repr(gm.b)
