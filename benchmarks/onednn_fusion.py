@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from unittest import mock
 
 import torch
@@ -72,6 +73,39 @@ def _load(model: str, variant: str) -> GatedModel:
     return m
 
 
+def _passes(variants: dict[str, GatedModel], x: torch.Tensor, sizes: list[int], passes: int) -> list[dict]:
+    rows = []
+    for b in sizes:
+        batches = [c.contiguous() for c in x.split(b) if c.shape[0] == b]
+        t: dict[tuple[str, str], list[float]] = {}
+        with torch.inference_mode():
+            for p in range(passes + 1):  # the first pass warms up every shape
+                names = list(variants) if p % 2 else list(reversed(variants))
+                for name in names:
+                    m = variants[name]
+                    for kind, fn in (("backbone", m.backbone_forward), ("gated", m)):
+                        start = time.perf_counter()
+                        for xb in batches:
+                            fn(xb)
+                        if p:
+                            t.setdefault((name, kind), []).append(1e3 * (time.perf_counter() - start) / len(batches))
+        base = {kind: statistics.median(t[("unfused", kind)]) for kind in ("backbone", "gated")}
+        for name in variants:
+            bb, g = statistics.median(t[(name, "backbone")]), statistics.median(t[(name, "gated")])
+            rows.append(
+                {
+                    "variant": name,
+                    "batch": b,
+                    "backbone_ms": round(bb, 3),
+                    "gated_ms": round(g, 3),
+                    "backbone_vs_unfused": round(bb / base["backbone"], 3),
+                    "gated_vs_unfused": round(g / base["gated"], 3),
+                    "speedup": round(bb / g, 3),
+                }
+            )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a dgate export directory (CPU, float32)")
@@ -80,6 +114,13 @@ def main() -> None:
     ap.add_argument("--batch-size", default="1,32")
     ap.add_argument("--rounds", type=int, default=3, help="rotations over the three variants")
     ap.add_argument("--repeats", type=int, default=3, help="dgate bench repeats per round")
+    ap.add_argument(
+        "--passes",
+        type=int,
+        default=0,
+        help="instead of dgate bench: this many passes over the images per batch size, each timing every "
+        "variant's backbone and gated forward in turn (finer interleaving, for the noisy machines)",
+    )
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.data == str(CIFAR / "test"):
@@ -100,6 +141,9 @@ def main() -> None:
                 h = out
             diffs[name] = worst
     sizes = [int(b) for b in a.batch_size.split(",")]
+    if a.passes:
+        emit(_passes(variants, x, sizes, a.passes), a.json, title=f"{a.model}: medians over {a.passes} passes")
+        return
     runs: dict[tuple[str, int, str], list] = {}
     for _ in range(a.rounds):
         for name, m in variants.items():
