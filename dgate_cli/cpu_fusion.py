@@ -28,14 +28,41 @@ from torch import fx, nn
 
 
 def _find_op():
+    """oneDNN's fused convolution op, if this PyTorch has it and it passes :func:`_works`."""
     try:
         op = torch.ops.mkldnn._convolution_pointwise
-        return op if torch.backends.mkldnn.is_available() and hasattr(op, "binary") else None
     except (AttributeError, RuntimeError):  # torch.ops raises for an op it does not have
         return None
+    return op if torch.backends.mkldnn.is_available() and _works(op) else None
 
 
-_OP = _find_op()
+def _works(op) -> bool:
+    """Whether ``op`` (and ``op.binary``) compute what the separate ops do on a tiny convolution:
+    the op is private, so its signature could change between PyTorch versions."""
+    g = torch.Generator().manual_seed(0)
+    x, other = torch.randn(2, 4, 5, 5, generator=g), torch.randn(2, 4, 5, 5, generator=g)
+    w, b = torch.randn(4, 4, 3, 3, generator=g), torch.randn(4, generator=g)
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    try:
+        with torch.inference_mode():
+            y = F.conv2d(x, w, b, 1, 1)
+            return torch.allclose(op(x, w, b, *args, "relu", [], ""), F.relu(y), atol=1e-5) and torch.allclose(
+                op.binary(x, other, w, b, *args, "add", None, "relu", [], ""), F.relu(y + other), atol=1e-5
+            )
+    except Exception:  # another signature, no oneDNN kernel on this CPU
+        return False
+
+
+_OP = None  # found by the first available(), not at import
+_CHECKED = False
+
+
+def available() -> bool:
+    """Whether this PyTorch has oneDNN and its fused convolution op, and the op passed its check."""
+    global _OP, _CHECKED
+    if not _CHECKED:
+        _OP, _CHECKED = _find_op(), True
+    return _OP is not None
 
 
 def _autocast_cpu() -> bool:
@@ -43,11 +70,6 @@ def _autocast_cpu() -> bool:
         return torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4
         return torch.is_autocast_cpu_enabled()
-
-
-def available() -> bool:
-    """Whether this PyTorch has oneDNN and its fused convolution op."""
-    return _OP is not None
 
 
 class FusedConv2d(nn.Conv2d):
@@ -76,6 +98,7 @@ class FusedConv2d(nn.Conv2d):
         if (
             x.dim() == 4
             and x.shape[0] > 1
+            and _OP is not None
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32

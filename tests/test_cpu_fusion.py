@@ -185,3 +185,22 @@ def test_the_fused_module_has_its_own_hook_dicts(block):
     gm.a.register_forward_hook(lambda *args: None)
     assert not block.a._forward_hooks
     assert "relu" in repr(gm.a) and "+ other" in repr(gm.b)
+
+
+def test_an_op_that_fails_its_check_turns_the_rewrite_off(block, monkeypatch):
+    assert cpu_fusion._works(cpu_fusion._OP)
+
+    class NoRelu:  # computes something else
+        def __call__(self, x, w, b, pad, stride, dil, groups, *rest):
+            return F.conv2d(x, w, b, stride, pad, dil, groups)
+
+        binary = None
+
+    def new_signature(*args):
+        raise RuntimeError("mkldnn::_convolution_pointwise() expected at most 9 arguments")
+
+    assert not cpu_fusion._works(NoRelu()) and not cpu_fusion._works(new_signature)
+    monkeypatch.setattr(cpu_fusion, "_OP", None)  # as available() leaves it then
+    traced = fx.symbolic_trace(block)
+    assert fuse_pointwise(traced) is traced
+    assert not any(isinstance(m, FusedConv2d) for m in traced.modules())
