@@ -43,22 +43,11 @@ class PackedFusedConv2d(FusedConv2d):
 
     packed_weight: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[0] == 1 or x.device.type != "cpu" or torch.is_grad_enabled():
-            return super().forward(x, other)
-        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+    def op_weight(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is None:
             w = self.weight.detach().to_mkldnn()
-            self.packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(w, *args, list(x.shape))
-        relu = "relu" if self.relu else None
-        if other is None:
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, self.packed_weight, self.bias, *args, relu or "none", [], ""
-            )
-        other = other.contiguous(memory_format=torch.channels_last)
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, other, self.packed_weight, self.bias, *args, "add", None, relu, [], ""
-        )
+            self.packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(w, *self.geometry, list(x.shape))
+        return self.packed_weight
 
 
 def _load(model: str, variant: str) -> GatedModel:

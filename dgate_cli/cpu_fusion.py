@@ -21,6 +21,7 @@ ops it would absorb.
 from __future__ import annotations
 
 import operator
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -65,11 +66,15 @@ def available() -> bool:
     return _OP is not None
 
 
-def _autocast_cpu() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
+def _autocast_cpu_new() -> bool:
+    return torch.is_autocast_enabled("cpu")
+
+
+try:  # chosen once: this is asked at every convolution
+    _autocast_cpu_new()
+    _autocast_cpu = _autocast_cpu_new
+except TypeError:  # torch < 2.4
+    _autocast_cpu = torch.is_autocast_cpu_enabled
 
 
 class FusedConv2d(nn.Conv2d):
@@ -80,6 +85,8 @@ class FusedConv2d(nn.Conv2d):
 
     add: bool
     relu: bool
+    unary: str | None  # the op's post-op: "relu" or None
+    geometry: tuple[list[int], list[int], list[int], int]  # the op's padding, stride, dilation, groups
 
     @classmethod
     def of(cls, conv: nn.Conv2d, add: bool, relu: bool) -> FusedConv2d:
@@ -87,8 +94,14 @@ class FusedConv2d(nn.Conv2d):
         # the same parameters and settings; its own dicts of them (and of hooks), so that
         # registering something on one module does not register it on the other
         fused.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in conv.__dict__.items()})
-        fused.add, fused.relu = add, relu
+        fused.add, fused.relu, fused.unary = add, relu, "relu" if relu else None
+        fused.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         return fused
+
+    def op_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight handed to the oneDNN op for input ``x``: the parameter itself (oneDNN
+        reorders it at every call; ``benchmarks/onednn_fusion.py`` tries reordering once)."""
+        return self.weight
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", + other" if self.add else "") + (", relu" if self.relu else "")
@@ -106,31 +119,17 @@ class FusedConv2d(nn.Conv2d):
             and torch._C._get_mkldnn_enabled()
             and not _autocast_cpu()
         ):
-            pad, stride, dil = list(self.padding), list(self.stride), list(self.dilation)
             if other is None:
-                return _OP(
-                    x, self.weight, self.bias, pad, stride, dil, self.groups, "relu" if self.relu else "none", [], ""
-                )
+                return _OP(x, self.op_weight(x), self.bias, *self.geometry, self.unary or "none", [], "")
             if isinstance(other, torch.Tensor) and other.dtype == x.dtype and other.shape == self._out_shape(x):
                 fmt = (
                     torch.channels_last
                     if x.is_contiguous(memory_format=torch.channels_last)
                     else torch.contiguous_format
                 )
+                other = other.contiguous(memory_format=fmt)
                 return _OP.binary(
-                    x,
-                    other.contiguous(memory_format=fmt),
-                    self.weight,
-                    self.bias,
-                    pad,
-                    stride,
-                    dil,
-                    self.groups,
-                    "add",
-                    None,
-                    "relu" if self.relu else None,
-                    [],
-                    "",
+                    x, other, self.op_weight(x), self.bias, *self.geometry, "add", None, self.unary, [], ""
                 )
         y = self._conv_forward(x, self.weight, self.bias)
         if other is not None:
@@ -201,10 +200,7 @@ def fuse_pointwise(stage: nn.Module) -> nn.Module:
         return stage
     modules = dict(stage.named_modules())
     graph = stage.graph
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
     changed = False
     for node in list(graph.nodes):
         conv = modules.get(str(node.target)) if node.op == "call_module" else None

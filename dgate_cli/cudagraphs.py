@@ -252,6 +252,10 @@ class GraphChain:
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
         self.fn = fn
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every capture (the stages' parameters moved)."""
         self.graphs: dict[tuple, tuple[torch.Tensor, _Segment]] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -659,7 +659,7 @@ class Backbone(nn.Module):
 
     def _apply(self, fn, recurse=True):  # new parameter storage: the graphs read the old
         if self._graph is not None:
-            self._graph.graphs.clear()
+            self._graph.reset()
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
