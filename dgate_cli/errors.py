@@ -17,6 +17,10 @@ class SpecError(DgateError, ValueError):
     """A model, data, gate or weights specification that cannot be understood."""
 
 
+class UntrustedCodeError(SpecError):
+    """A model spec read from a file names user code that the caller did not allow to run."""
+
+
 class WeightsError(DgateError, ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
@@ -31,6 +35,10 @@ class MissingFileError(DgateError, FileNotFoundError):
 
 class CacheMismatchError(DgateError, ValueError):
     """A run directory or feature cache that belongs to another model, weights, gates or data."""
+
+
+class BusyError(DgateError, RuntimeError):
+    """A run directory that another dgate process is writing."""
 
 
 class NotFittedError(DgateError, ValueError, AttributeError):

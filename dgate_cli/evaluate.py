@@ -14,6 +14,7 @@ from ._device import describe, resolve_device
 from .data import iterate, make_loader, open_dataset, spread
 from .errors import DataError
 from .export import load
+from .extract import class_difference
 from .preprocess import Preprocess
 
 ProgressFn = Callable[[str, int, int], None]
@@ -83,6 +84,7 @@ def evaluate(
     workers: int | None = None,
     limit: int | None = None,
     progress: ProgressFn | None = None,
+    trust_code: bool = False,
 ) -> EvaluateResult:
     """Run the exported model and its backbone on ``data``; compare accuracy and cost.
 
@@ -92,14 +94,12 @@ def evaluate(
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    model = load(directory, device=dev)
+    model = load(directory, device=dev, trust_code=trust_code)
     pre = Preprocess.from_dict(model.manifest["preprocess"])
     ds = open_dataset(data, pre)
     classes = model.classes
     if ds.classes != classes:
-        raise DataError(
-            f"{data} has classes {ds.classes[:4]}... but the model was calibrated on {classes[:4]}...; pass images of the model's classes"
-        )
+        raise DataError(f"{class_difference(str(data), ds.classes, 'the model', classes)}; pass images of the model's classes")
     subset = spread(len(ds), limit)
     n = len(ds) if subset is None else len(subset)
     costs = torch.tensor(model.exit_costs(), dtype=torch.float64)

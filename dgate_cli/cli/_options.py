@@ -56,6 +56,14 @@ Workers = Annotated[
         "--workers", "-j", min=0, help="Data loader processes (default: CPU count, at most 8).", show_default=False
     ),
 ]
+TrustCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="Allow a model factory (package.module:factory) named in a file (the manifest, run.json) to be "
+        "imported and run. Off by default: opening a file must not run code.",
+    ),
+]
 Json = Annotated[
     bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables; no progress bars.")
 ]

@@ -70,6 +70,7 @@ def bench_command(
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (default: torch's choice).", min=1, show_default=False)
     ] = None,
+    trust_code: o.TrustCode = False,
     json: o.Json = False,
 ) -> None:
     """Time the gated model against its own backbone (same weights, no gates) on the same real images.
@@ -97,7 +98,7 @@ def bench_command(
     if cuda_graphs and stream:
         fail("--stream runs eagerly, so it cannot be timed with --cuda-graphs; time it in a run without --cuda-graphs")
     stage_dtype = resolve_dtype(dtype, "--dtype")
-    model = load(model_dir, device=dev).to(stage_dtype)
+    model = load(model_dir, device=dev, trust_code=trust_code).to(stage_dtype)
     if cuda_graphs:
         model.use_cuda_graphs()
     if max_drop is not None:

@@ -56,6 +56,7 @@ def evaluate_command(
             help="Evaluate only N images, evenly spaced over the data (all classes).", min=1, show_default=False
         ),
     ] = None,
+    trust_code: o.TrustCode = False,
     json: o.Json = False,
 ) -> None:
     """Run the exported gated model (it really exits early) and its own backbone on labelled images.
@@ -66,7 +67,16 @@ def evaluate_command(
     Example: dgate evaluate models/r56-gated --data cifar10-jpeg/test
     """
     with progress(enabled=not json) as bar:
-        r = evaluate(model_dir, data, device=device, batch_size=batch_size, workers=workers, limit=limit, progress=bar)
+        r = evaluate(
+            model_dir,
+            data,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            limit=limit,
+            progress=bar,
+            trust_code=trust_code,
+        )
     if json:
         print_json(r.to_dict())
         return

@@ -18,7 +18,7 @@ import importlib
 import json
 import os
 import re
-import sys
+import types
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -29,14 +29,23 @@ import torchvision.models as tvm
 from torch import nn
 
 from .._io import sha256_file
-from ..errors import SpecError, WeightsError
+from ..errors import SpecError, UntrustedCodeError, WeightsError
+from ..features import DEFAULT_BUDGET
 from ..preprocess import Preprocess, from_torchvision_weights
 from .cifar_resnet import DEPTHS, cifar_resnet
-from .registry import Family, family_of
+from .registry import END_FRACTION, CostProfile, DefaultGate, Family, family_of, profile_cuts, spread_by_cost
 from .staging import Cut, StageGraph, eval_mode
 from .weights import load_into, read_state_dict
 
-__all__ = ["Backbone", "ModelSpec", "WeightsRef", "build_backbone", "parse_model_spec", "list_builtin_models"]
+__all__ = [
+    "Backbone",
+    "ModelSpec",
+    "WeightsRef",
+    "build_backbone",
+    "list_builtin_models",
+    "parse_model_spec",
+    "read_weights",
+]
 
 _CIFAR_RE = re.compile(r"^cifar_resnet(\d+)$")
 CIFAR_PREPROCESS = Preprocess()  # 32x32 as is, ImageNet mean/std (the checkpoints' training recipe)
@@ -125,7 +134,13 @@ class WeightsRef:
         return {"source": self.source, "sha256": self.sha256}
 
 
-def _instantiate(spec: ModelSpec) -> nn.Module:
+def _instantiate(spec: ModelSpec, trust_code: bool, factory: Any = None, origin: str | None = None) -> nn.Module:
+    """Build the module a spec names.
+
+    A ``package.module:factory`` spec imports and calls user code, so it runs only when the caller
+    trusts it (``trust_code``) or hands over the factory itself (``factory``: the callable, or the
+    Python module that holds it). ``origin`` names the file the spec came from, for the error.
+    """
     try:
         if spec.source == "cifar_resnet":
             return cifar_resnet(int(spec.name), **spec.kwargs)
@@ -140,17 +155,25 @@ def _instantiate(spec: ModelSpec) -> nn.Module:
             f"cannot build {spec} with --model-kwargs {json.dumps(spec.kwargs)} ({exc}); check the argument names"
         ) from exc
     module_name, _, attr = spec.name.partition(":")
-    try:
-        module = _import_user_module(module_name)
-    except ImportError as exc:
-        raise SpecError(
-            f"cannot import '{module_name}' for model '{spec.name}' ({exc}); install it or add its folder to PYTHONPATH"
-        ) from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
+    if factory is not None:
+        fn = getattr(factory, attr, None) if isinstance(factory, types.ModuleType) else factory
+    elif not trust_code:
+        where = f"{origin} names" if origin else "the spec names"
+        raise UntrustedCodeError(
+            f"{where} the model factory '{spec.name}', which dgate imports and runs only when asked: "
+            "pass --trust-code (trust_code=True in Python) if you trust it, or pass the factory itself"
+        )
+    else:
+        try:
+            fn = getattr(importlib.import_module(module_name), attr, None)
+        except ImportError as exc:
+            raise SpecError(
+                f"cannot import '{module_name}' for model '{spec.name}' ({exc}); install it or add its folder to PYTHONPATH"
+            ) from exc
+    if not callable(fn):
         raise SpecError(f"'{module_name}' has no callable '{attr}' for model '{spec.name}'; check the factory name")
     try:
-        model = factory(**spec.kwargs)
+        model = fn(**spec.kwargs)
     except TypeError as exc:
         raise SpecError(
             f"cannot call {spec.name} with --model-kwargs {json.dumps(spec.kwargs)} ({exc}); check the argument names"
@@ -160,18 +183,6 @@ def _instantiate(spec: ModelSpec) -> nn.Module:
             f"{spec.name} returned {type(model).__name__}, not a torch.nn.Module; return the model from the factory"
         )
     return model
-
-
-def _import_user_module(name: str) -> Any:
-    """Import a user's module; like ``python -m``, the working directory is searched too."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError:
-        cwd = os.getcwd()
-        if cwd in sys.path or "" in sys.path:
-            raise
-        sys.path.insert(0, cwd)
-        return importlib.import_module(name)
 
 
 def _torchvision_weights(spec: ModelSpec, tag: str) -> Any:
@@ -228,22 +239,59 @@ class Backbone:
                 seen.setdefault(cut.name, cut)
         return sorted(seen.values(), key=lambda c: c.order)
 
-    def default_gates(self) -> list[str]:
-        """The family's default gate positions (generic models: three evenly spaced candidates)."""
+    def cut_costs(self) -> CostProfile:
+        """The cost up to every cut point, and each one's gate features, at ``input_size`` (counted once per size).
+
+        Raises:
+            SpecError: the model cannot run on a ``input_size`` x ``input_size`` input.
+        """
+        cache: dict[int, CostProfile] = self.__dict__.setdefault("_cut_costs", {})
+        if self.input_size not in cache:
+            x = torch.zeros(1, 3, self.input_size, self.input_size, device=_device_of(self.module))
+            with eval_mode(self.module):
+                cache[self.input_size] = profile_cuts(self.graph, x, self.family.channels_last)
+        return cache[self.input_size]
+
+    def default_positions(self) -> list[DefaultGate]:
+        """The default gate positions, each with why it was chosen, in execution order.
+
+        A family's declared defaults are kept ("family default (NAME)"). A model without declared
+        defaults gets gates spread over it by cost: for each ``k/9`` of its MACs the nearest cut point
+        that pools to at most 1024 features, none past 17/18 (94.4%) of the MACs
+        (:func:`dgate_cli.models.registry.spread_by_cost`), counted at ``input_size``.
+
+        Example:
+            >>> bb = build_backbone("cifar_resnet20")
+            >>> bb.default_positions()[0]
+            DefaultGate(name='layer1.0', reason='family default (cifar_resnet)', targets=(), fraction=None)
+        """
         names = self.family.defaults(self.module)
         if names:
-            return [c.name for c in self.graph.resolve(names)]
-        cands = self.candidate_cuts() or self.graph.cuts
-        if len(cands) <= 3:
-            return [c.name for c in cands]
-        picks = sorted({round(len(cands) * q) for q in (0.25, 0.5, 0.75)})
-        return [cands[min(i, len(cands) - 1)].name for i in picks]
+            reason = f"family default ({self.family.name})"
+            return [DefaultGate(c.name, reason) for c in self.graph.resolve(names)]
+        return spread_by_cost(self.cut_costs().cuts)
+
+    def default_gates(self) -> list[str]:
+        """The default gate positions: the family's, else spread by cost (see :meth:`default_positions`)."""
+        return [g.name for g in self.default_positions()]
+
+    def default_reasons(self) -> dict[str, str]:
+        """Default gate position -> why it was chosen, e.g. ``{"block1.layer.1": "nearest cut to 2/9 of the MACs (19.5%)"}``."""
+        return {g.name: g.reason for g in self.default_positions()}
 
     def resolve_gates(self, gates: list[str] | None) -> list[Cut]:
-        """Resolve gate names to cuts in execution order (None: the family's defaults; ``["all"]``: every candidate)."""
+        """Resolve gate names to cuts in execution order (None: the defaults; ``["all"]``: every candidate)."""
         if gates == ["all"]:
             return self.candidate_cuts() or self.graph.cuts
-        return self.graph.resolve(gates if gates else self.default_gates())
+        if gates:
+            return self.graph.resolve(gates)
+        defaults = self.default_gates()
+        if not defaults:
+            raise SpecError(
+                f"{self.spec} has no cut point before {END_FRACTION:.1%} of its MACs whose output pools to at most "
+                f"{DEFAULT_BUDGET} features, so no default gates; pass --gates (`dgate stages {self.spec} --all` lists the positions)"
+            )
+        return self.graph.resolve(defaults)
 
     @cached_property
     def num_classes(self) -> int:
@@ -258,11 +306,25 @@ def _device_of(module: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def read_weights(spec: ModelSpec, weights: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], str, Any]:
+    """Read a checkpoint for ``spec`` without building the model: (state dict, file read, torchvision weights or None)."""
+    w = str(weights)
+    if w.startswith("torchvision:"):
+        tv_weights = _torchvision_weights(spec, w.split(":", 1)[1])
+        sd, path = _load_torchvision_weights(tv_weights)
+        return sd, path, tv_weights
+    return read_state_dict(w), w, None
+
+
 def build_backbone(
     spec: str | ModelSpec,
     weights: str | os.PathLike[str] | None = None,
     model_kwargs: dict[str, Any] | str | None = None,
     input_size: int | None = None,
+    *,
+    trust_code: bool = True,
+    factory: Any = None,
+    origin: str | None = None,
 ) -> Backbone:
     """Build a backbone from a spec and load its weights (None: random init).
 
@@ -271,25 +333,26 @@ def build_backbone(
         weights: a ``.safetensors`` / ``torch.save`` file, or ``torchvision:TAG``.
         model_kwargs: constructor keyword arguments (dict or JSON string).
         input_size: the square input size, where the model's default preprocessing gives none.
+        trust_code: import and call a ``package.module:factory`` spec. True for a spec the caller
+            wrote; callers that read the spec from a file (a manifest, a run directory) pass False
+            unless their user said otherwise.
+        factory: the factory itself (a callable, or the Python module holding it) for a factory
+            spec: used instead of importing anything.
+        origin: the file the spec was read from, for the error when it is not trusted.
 
     Example:
         >>> bb = build_backbone("cifar_resnet20")
-        >>> bb.default_gates()
-        ['layer1', 'layer2']
+        >>> bb.default_gates()[:3]
+        ['layer1.0', 'layer1.1', 'layer1']
     """
     ms = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec, model_kwargs)
-    module = _instantiate(ms)
+    module = _instantiate(ms, trust_code, factory, origin)
     ref: WeightsRef | None = None
     tv_weights = None
     if weights is not None:
-        w = str(weights)
-        if w.startswith("torchvision:"):
-            tv_weights = _torchvision_weights(ms, w.split(":", 1)[1])
-            sd, path = _load_torchvision_weights(tv_weights)
-        else:
-            sd, path = read_state_dict(w), w
+        sd, path, tv_weights = read_weights(ms, weights)
         load_into(module, sd, str(ms), path)
-        ref = WeightsRef(source=w, sha256=sha256_file(path))
+        ref = WeightsRef(source=str(weights), sha256=sha256_file(path))
     module.eval()
     if ms.source == "torchvision":
         preprocess = from_torchvision_weights(tv_weights or tvm.get_model_weights(ms.name).DEFAULT)
