@@ -247,7 +247,7 @@ def test_factory_model_with_kwargs(factory_module):
     assert bb.input_size == 224
     assert bb.num_classes == 5
     gates = bb.default_gates()
-    assert gates == ["stem", "body", "pool"]  # three candidates or fewer: all of them
+    assert gates == ["stem"]  # the cut nearest each ninth of the MACs; `body` ends past 94.4% (test_defaults.py)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -259,7 +259,7 @@ def test_factory_sequential_model(factory_module):
     assert isinstance(bb.module, nn.Sequential)
     assert [c.name for c in bb.candidate_cuts()] == ["0", "1", "2", "3", "4", "5"]
     gates = bb.default_gates()
-    assert len(gates) == 3 and gates == sorted(gates, key=int)
+    assert gates == ["1"]  # the ReLU after the first convolution, at 1/3 of the MACs (test_defaults.py)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():

@@ -68,7 +68,7 @@ def test_every_registered_module_type_is_exercised():
         if len(family.types) < 2:
             continue  # its one type is checked by test_family_is_detected
         specs = [FAMILY_REPS[family.name][:2]] + [(s, kw) for s, (f, kw, _) in EXTRA_REPS.items() if f == family.name]
-        built = {type(_instantiate(parse_model_spec(s, kw))) for s, kw in specs}
+        built = {type(_instantiate(parse_model_spec(s, kw), trust_code=False)) for s, kw in specs}
         for t in family.types:
             assert any(issubclass(b, t) for b in built), f"no test model of type {t.__name__} ({family.name})"
 
@@ -194,7 +194,7 @@ def test_generic_fallback_models_split_exactly(spec, kwargs):
     bb = _build(spec, kwargs)
     assert bb.family is GENERIC
     gates = bb.default_gates()
-    assert 1 <= len(gates) <= 3
+    assert 1 <= len(gates) <= 8  # the cut points nearest each ninth of the MACs (test_defaults.py)
     assert all(g in bb.graph for g in gates)
     top_level = {n for n, _ in bb.module.named_children()}
     assert all(g.split(".")[0] in top_level for g in gates)
