@@ -2,22 +2,24 @@
 
 A data spec is either a path to an ImageFolder directory (``ROOT/<class>/<image>``), or
 ``cifar10:ROOT:train`` / ``cifar10:ROOT:test`` for torchvision's CIFAR-10 files already on disk
-(``ROOT/cifar-10-batches-py``). Samples are returned in a fixed order (sorted by class, then file
-name), so sample ``i`` is the same image in every run.
+(``ROOT/cifar-10-batches-py``). Samples are returned in a fixed order (sorted by class, then
+relative path), so sample ``i`` is the same image in every run.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .errors import DataError, DgateError, MissingFileError
 from .preprocess import Preprocess
@@ -75,28 +77,119 @@ class ImageDataset(Dataset[Sample]):
         raise NotImplementedError
 
 
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks; False for a broken one
+    except OSError:
+        return False
+
+
+def _scandir(path: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        raise DataError(
+            f"cannot list directory {path} ({type(exc).__name__}: {exc.strerror or exc}); check that it is readable"
+        ) from exc
+
+
+def _identity(path: str, st: os.stat_result) -> tuple[int, int] | str:
+    """What makes a file or directory the same one under any name: ``(st_dev, st_ino)``."""
+    if st.st_ino == 0:  # Windows fills no inode in os.DirEntry.stat(); ask the file itself
+        st = os.stat(path)
+    return (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(path)
+
+
+@dataclass
+class _Walk:
+    """What walking one ImageFolder found."""
+
+    samples: list[tuple[str, int]]
+    stats: list[tuple[int, int]]  # (st_size, st_mtime_ns) per sample
+    broken_links: list[str]
+
+
+def _walk_folder(root: Path, classes: list[str]) -> _Walk:
+    """List the images under each class folder: symlinks followed, each directory walked once and each
+    file counted once per class, broken symlinks skipped; sorted by class, then relative path."""
+    found = _Walk([], [], [])
+    top = str(root)
+    top_id = _identity(top, os.stat(top))
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(top, name)
+        # ROOT and the class folder are on the path: a link to either (``ln -s .. ROOT/cat/up``) is a cycle
+        seen_dirs = {top_id, _identity(class_dir, os.stat(class_dir))}
+        seen_files: set[tuple[int, int] | str] = set()
+        stack = [iter(_scandir(class_dir))]  # depth first, entries in name order: sorted by relative path
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+                continue
+            try:
+                st = entry.stat()  # follows symlinks
+            except OSError:  # a broken symlink, a link loop, or a file removed meanwhile
+                if entry.is_symlink():
+                    found.broken_links.append(os.path.relpath(entry.path, top))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = _identity(entry.path, st)
+                if key not in seen_dirs:
+                    seen_dirs.add(key)
+                    stack.append(iter(_scandir(entry.path)))
+            elif stat.S_ISREG(st.st_mode) and entry.name.lower().endswith(IMG_EXTENSIONS):
+                key = _identity(entry.path, st)
+                if key not in seen_files:
+                    seen_files.add(key)
+                    found.samples.append((entry.path, label))
+                    found.stats.append((st.st_size, st.st_mtime_ns))
+    return found
+
+
 class FolderDataset(ImageDataset):
-    """An ImageFolder directory: one sub-directory per class, sorted class names give the labels."""
+    """An ImageFolder directory: one sub-directory per class, sorted class names give the labels.
+
+    Class folders are the immediate sub-directories of ROOT (hidden ones included, as torchvision's
+    ``find_classes``); images are the files with one of torchvision's ``IMG_EXTENSIONS`` (any case)
+    anywhere below them. Symlinks to files and directories are followed, but a directory is walked
+    once per class (so a link to ``..`` adds nothing) and a file reached under several names counts
+    once per class.
+
+    Attributes:
+        classes: the class names, sorted.
+        samples: ``(path, label)`` per image, sorted by class, then relative path.
+        empty_classes: the classes that have no images (they keep their label).
+        broken_links: paths (relative to ROOT) of symlinks that lead nowhere; they are skipped.
+    """
 
     def __init__(self, spec: DataSpec, preprocess: Preprocess):
         root = Path(spec.root)
         if not root.is_dir():
+            if root.exists():
+                raise DataError(
+                    f"data path {root} is a file, not a directory; pass an ImageFolder directory "
+                    "(ROOT/<class>/<image>) or cifar10:ROOT:train|test"
+                )
             raise MissingFileError(
                 f"data directory {root} does not exist; pass an ImageFolder directory (ROOT/<class>/<image>)"
             )
-        try:
-            classes, class_to_idx = find_classes(str(root))
-        except FileNotFoundError as exc:
-            raise DataError(f"{root} has no class sub-directories; lay images out as {root}/<class>/<image>") from exc
-        samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-        if not samples:
+        classes = [e.name for e in _scandir(str(root)) if _is_dir(e)]
+        if not classes:
+            raise DataError(f"{root} has no class sub-directories; lay images out as {root}/<class>/<image>")
+        found = _walk_folder(root, classes)
+        if not found.samples:
             raise DataError(
                 f"{root} has no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) in its class folders; check the path"
             )
         self.spec = spec
         self.root = root
         self.classes = classes
-        self.samples: list[tuple[str, int]] = samples
+        self.samples: list[tuple[str, int]] = found.samples
+        self._stats = found.stats
+        present = {y for _, y in found.samples}
+        self.empty_classes: list[str] = [c for i, c in enumerate(classes) if i not in present]
+        self.broken_links: list[str] = found.broken_links
         self.preprocess = preprocess
 
     def __len__(self) -> int:
@@ -108,17 +201,20 @@ class FolderDataset(ImageDataset):
 
     def __getitem__(self, i: int) -> Sample:
         path, label = self.samples[i]
-        try:
-            return self.preprocess.load(path), label, i
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc}); fix or remove the file") from exc
+        return self.preprocess.load(path), label, i
 
     def fingerprint(self) -> str:
-        """sha256 over the sorted relative paths, labels and file sizes."""
+        """sha256 over the relative paths, labels, sizes and modification times (``st_mtime_ns``).
+
+        The sizes and times are those seen when the dataset was opened (no file is read or stat-ed
+        again). An image whose content changes while its size and modification time stay the same
+        (a tool that restores timestamps) is not noticed: ``touch`` it, or rebuild the cache with
+        ``dgate extract RUN_DIR --overwrite``.
+        """
         h = hashlib.sha256()
-        for path, label in self.samples:
+        for (path, label), (size, mtime_ns) in zip(self.samples, self._stats, strict=True):
             rel = os.path.relpath(path, self.root)
-            h.update(f"{rel}\t{label}\t{os.path.getsize(path)}\n".encode())
+            h.update(f"{rel}\t{label}\t{size}\t{mtime_ns}\n".encode())
         return h.hexdigest()
 
 
@@ -151,11 +247,13 @@ class Cifar10Dataset(ImageDataset):
         return self.preprocess.from_pil(img), int(label), i
 
     def fingerprint(self) -> str:
+        """sha256 over the batch files' names, sizes and modification times (``st_mtime_ns``)."""
         folder = Path(self.spec.root) / self.base.base_folder
         files = self.base.train_list if self.spec.split == "train" else self.base.test_list
         h = hashlib.sha256()
         for name, _md5 in files:
-            h.update(f"{name}\t{(folder / name).stat().st_size}\n".encode())
+            st = (folder / name).stat()
+            h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
 
@@ -173,11 +271,17 @@ def open_dataset(spec: str | DataSpec, preprocess: Preprocess) -> ImageDataset:
     return FolderDataset(ds, preprocess)
 
 
-def _collate(batch: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+SIZE_HINT = "use images of one size, or extract with `dgate extract --resize N --crop N`"
+
+
+def _collate(batch: Sequence[Sample], hint: str = SIZE_HINT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     shapes = {tuple(img.shape) for img, _, _ in batch}
     if len(shapes) > 1:
-        a, b = sorted(shapes)[:2]
-        raise DataError(f"images of different sizes in one batch ({a} and {b}); pass --resize N --crop N so all match")
+        a, b = (f"{h}x{w}" for _, h, w in sorted(shapes)[:2])
+        raise DataError(
+            f"images of different sizes in one batch ({a} and {b} pixels) and the preprocessing has no crop "
+            f"to make them one size; {hint}"
+        )
     images = torch.stack([img for img, _, _ in batch])
     labels = torch.tensor([y for _, y, _ in batch], dtype=torch.long)
     index = torch.tensor([i for _, _, i in batch], dtype=torch.long)
@@ -197,8 +301,13 @@ def make_loader(
     start: int = 0,
     stop: int | None = None,
     indices: Sequence[int] | None = None,
+    size_hint: str | None = None,
 ) -> DataLoader:
-    """A DataLoader over samples ``start:stop`` (or ``indices``) in order, yielding ``(uint8 images, labels, index)``."""
+    """A DataLoader over samples ``start:stop`` (or ``indices``) in order, yielding ``(uint8 images, labels, index)``.
+
+    ``size_hint`` replaces the advice (default :data:`SIZE_HINT`) of the error raised when one batch
+    holds images of different sizes, so a command can name its own options.
+    """
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     stop = len(dataset) if stop is None else stop
@@ -213,7 +322,7 @@ def make_loader(
         shuffle=False,
         num_workers=workers,
         pin_memory=pin_memory,
-        collate_fn=_collate,
+        collate_fn=_collate if size_hint is None else functools.partial(_collate, hint=size_hint),
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
     )

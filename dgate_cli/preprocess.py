@@ -7,6 +7,7 @@ arithmetic of torchvision's ``ImageClassification`` transform (``x / 255``, ``- 
 
 from __future__ import annotations
 
+import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,15 +16,36 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from .errors import SpecError
+from .errors import DataError, SpecError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# what PIL raises on a broken, truncated or oversized file (DecompressionBombError is no OSError)
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    IndexError,
+    KeyError,
+    ZeroDivisionError,
+    struct.error,
+    Image.DecompressionBombError,
+)
 _INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
     "nearest": InterpolationMode.NEAREST,
 }
+
+
+def _decode_error_message(path: str, exc: BaseException) -> str:
+    """The one-line message for an image file PIL cannot decode."""
+    detail = " ".join(str(exc).split()) or "no details"
+    fix = "fix or remove the file"
+    if isinstance(exc, Image.DecompressionBombError):
+        fix = "it is too large to decode safely: downscale or remove the file"
+    return f"cannot read image {path} ({type(exc).__name__}: {detail}); {fix}"
 
 
 @dataclass(frozen=True)
@@ -66,9 +88,17 @@ class Preprocess:
         return self.crop or self.resize or fallback
 
     def load(self, path: str) -> torch.Tensor:
-        """Decode an image file to a ``uint8`` CHW tensor, resized and cropped."""
-        with Image.open(path) as img:
-            return self.from_pil(img)
+        """Decode an image file to a ``uint8`` CHW tensor, resized and cropped.
+
+        Raises:
+            DataError: the file cannot be decoded (broken, truncated, not an image, or so large that
+                PIL refuses it as a decompression bomb); one line naming the file.
+        """
+        try:
+            with Image.open(path) as img:
+                return self.from_pil(img)
+        except DECODE_ERRORS as exc:
+            raise DataError(_decode_error_message(path, exc)) from exc
 
     def from_pil(self, img: Image.Image) -> torch.Tensor:
         """Resize and crop a PIL image and return a ``uint8`` CHW tensor."""
