@@ -16,9 +16,12 @@ the shard is complete, so an interrupted extraction resumes from its last comple
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,12 @@ from safetensors import SafetensorError, safe_open
 
 from . import _io
 from ._version import __version__
-from .errors import CacheMismatchError, MissingFileError, NotFittedError
+from .errors import BusyError, CacheMismatchError, MissingFileError, NotFittedError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT_VERSION = 2
 RUN_FILE = "run.json"
@@ -133,6 +141,40 @@ def read_run(run_dir: str | Path) -> RunConfig:
         raise CacheMismatchError(f"{path} is incomplete ({exc}); run `dgate extract` again with --overwrite") from exc
 
 
+LOCK_FILE = ".dgate.lock"
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | Path, command: str) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for the block: one dgate process writes a run directory at a time.
+
+    Two extractions into one directory would write shards of the same names; the second process
+    gets a :class:`~dgate_cli.errors.BusyError` that names the process holding the lock. The lock
+    is the operating system's (``flock``), so a killed process releases it.
+    """
+    d = Path(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / LOCK_FILE
+    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the whole block
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise BusyError(
+                    f"{d} is in use by {holder}; wait for it to finish, or use another RUN_DIR"
+                ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"dgate {command} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
 def write_run(run_dir: str | Path, config: RunConfig) -> None:
     _io.write_json(run_file(run_dir), config.to_dict())
 
@@ -186,17 +228,32 @@ def reset_split(run_dir: str | Path, split: str) -> None:
     shutil.rmtree(split_dir(run_dir, split), ignore_errors=True)
 
 
-def shards_intact(run_dir: str | Path, split: str, index: SplitIndex) -> bool:
-    """Whether every shard the index lists exists and has a readable header with the right count."""
+def damaged_shards(run_dir: str | Path, split: str, index: SplitIndex, checksums: bool = True) -> str | None:
+    """Why the shards the index lists are not usable (None: they are): a missing file, a count or a
+    sha256 that differs from the index's record, or shards that do not follow one another."""
     d = split_dir(run_dir, split)
+    start = 0
     for shard in index.shards:
+        path = d / shard["file"]
+        if shard.get("start") != start or not isinstance(shard.get("count"), int):
+            return f"{path.name} does not follow the shard before it"
+        start += shard["count"]
+        if not path.is_file():
+            return f"{path.name} is missing"
+        if checksums:
+            if not shard.get("sha256"):
+                return f"{path.name} has no checksum (a cache from an older dgate)"
+            if _io.sha256_file(path) != shard["sha256"]:
+                return f"{path.name} does not match its checksum (modified or corrupted)"
         try:
-            with safe_open(str(d / shard["file"]), framework="pt") as f:
+            with safe_open(str(path), framework="pt") as f:
                 if f.get_slice("labels").get_shape()[0] != shard["count"]:
-                    return False
+                    return f"{path.name} holds another number of samples than the index says"
         except (SafetensorError, OSError):
-            return False
-    return True
+            return f"{path.name} is unreadable"
+    if index.complete and start != index.num_samples:
+        return f"its shards hold {start} samples, the data has {index.num_samples}"
+    return None
 
 
 def feature_key(gate: str) -> str:
@@ -243,9 +300,9 @@ class SplitWriter:
         self._future = self._pool.submit(self._write, shard, entry)
 
     def _write(self, shard: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
-        _io.save_tensors(
-            self.dir / entry["file"], shard, metadata={"dgate_version": __version__, "start": str(entry["start"])}
-        )
+        path = self.dir / entry["file"]
+        _io.save_tensors(path, shard, metadata={"dgate_version": __version__, "start": str(entry["start"])})
+        entry["sha256"] = _io.sha256_file(path)
         self.index.shards.append(entry)
         write_index(self.run_dir, self.split, self.index)
 
@@ -260,6 +317,11 @@ class SplitWriter:
             if self._count:
                 self._flush(self._count)
             self._wait()
+            if self.index.done != self.index.num_samples:
+                raise CacheMismatchError(
+                    f"the {self.split} cache of {self.run_dir} got {self.index.done} samples for {self.index.num_samples} "
+                    f"images; run `dgate extract {self.run_dir}` again"
+                )
             self.index.complete = True
             write_index(self.run_dir, self.split, self.index)
         finally:
@@ -303,8 +365,12 @@ def load_split(
     gates: Iterable[str] | None = None,
     with_features: bool = True,
     on_shard: Callable[[int, int], None] | None = None,
+    verify: bool = True,
 ) -> SplitFeatures:
     """Read a complete split from the cache (``gates``: only these gates' features).
+
+    Every read checks that the shards follow one another and hold the counts the index records,
+    and that the values are finite; ``verify`` also checks each shard's sha256.
 
     Example:
         >>> sf = load_split("runs/r56", "val")  # doctest: +SKIP
@@ -328,17 +394,26 @@ def load_split(
         raise CacheMismatchError(
             f"gate {unknown[0]} is not in the cache of {run_dir} (it has {', '.join(config.gates)}); extract it first"
         )
+    problem = damaged_shards(run_dir, split, index, checksums=verify)
+    if problem:
+        raise CacheMismatchError(
+            f"the {split} cache of {run_dir} is damaged ({problem}); run `dgate extract {run_dir}` again to rebuild it"
+        )
     keys = ["logits", "labels", "index"] + ([feature_key(g) for g in wanted] if with_features else [])
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     d = split_dir(run_dir, split)
     for i, shard in enumerate(index.shards):
         path = d / shard["file"]
-        if not path.is_file():
-            raise CacheMismatchError(f"{path} is missing; run `dgate extract {run_dir}` again to rebuild the cache")
         try:
             with safe_open(str(path), framework="pt") as f:
                 for k in keys:
-                    parts[k].append(f.get_tensor(k))
+                    t = f.get_tensor(k)
+                    if t.shape[0] != shard["count"]:
+                        raise CacheMismatchError(
+                            f"{path} holds {t.shape[0]} rows of {k} for {shard['count']} samples; "
+                            f"run `dgate extract {run_dir}` again to rebuild it"
+                        )
+                    parts[k].append(t)
         except (SafetensorError, OSError) as exc:
             raise CacheMismatchError(
                 f"{path} is corrupt ({exc}); run `dgate extract {run_dir}` again to rebuild it"
@@ -346,6 +421,13 @@ def load_split(
         if on_shard:
             on_shard(i + 1, len(index.shards))
     cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+    for k, v in cat.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v.reshape(v.shape[0], -1))).any(1).sum())
+            raise CacheMismatchError(
+                f"the {split} cache of {run_dir} holds NaN or infinite {k} for {bad} samples (the backbone produced "
+                f"them, or the cache is damaged); check the weights and run `dgate extract {run_dir} --overwrite`"
+            )
     return SplitFeatures(
         features={g: cat[feature_key(g)] for g in wanted} if with_features else {},
         logits=cat["logits"],

@@ -169,6 +169,26 @@ def calibrate(
         )
     run_dir = Path(run_dir)
     config = cache.read_run(run_dir)
+    with cache.locked(run_dir, "calibrate"):
+        return _calibrate(
+            run_dir, config, target_acc, max_drop, split, score, gates, polish, confidence, reserve, gate_overhead, t0
+        )
+
+
+def _calibrate(
+    run_dir: Path,
+    config: cache.RunConfig,
+    target_acc: float | None,
+    max_drop: float | None,
+    split: str,
+    score: str | None,
+    gates: list[str] | None,
+    polish: bool,
+    confidence: float | None,
+    reserve: float,
+    gate_overhead: float,
+    t0: float,
+) -> CalibrationResult:
     fitted = read_gates(run_dir)
     score = score or fitted.score
     if score not in SCORES:
@@ -278,5 +298,17 @@ def read_calibration(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("identity") != cache.read_run(run_dir).identity():
         raise NotFittedError(
             f"the thresholds in {run_dir} belong to an older cache; run `dgate calibrate {run_dir}` again"
+        )
+    split = data.get("split")
+    index = cache.read_index(run_dir, split) if isinstance(split, str) else None
+    if index is None or data.get("split_fingerprint") != index.fingerprint:
+        raise NotFittedError(
+            f"the thresholds in {run_dir} were calibrated on other {split} images (the split was extracted again "
+            f"since); run `dgate calibrate {run_dir}` again"
+        )
+    gates = run_dir / "gates.safetensors"
+    if not gates.is_file() or data.get("gates_sha256") != _io.sha256_file(gates):
+        raise NotFittedError(
+            f"the gates in {run_dir} were refitted after calibration; run `dgate calibrate {run_dir}` again"
         )
     return data

@@ -12,16 +12,18 @@ from typing import Any
 import torch
 
 from . import cache
-from ._device import describe, resolve_device, resolve_dtype
+from ._device import available_memory, describe, gib, resolve_device, resolve_dtype
 from .data import ImageDataset, iterate, make_loader, open_dataset
 from .errors import CacheMismatchError, DataError, SpecError
 from .features import Pooling, PoolingPolicy, layout_of, pool
 from .flops import UNIT, gate_macs, stage_costs
 from .models import Backbone, build_backbone
+from .preprocess import Preprocess
 from .models.staging import run_stages
 
 ProgressFn = Callable[[str, int, int], None]
 SHARD_BYTES = 256 << 20
+MAX_SIDE = 8192  # pixels: larger inputs are refused up front
 
 
 @dataclass(frozen=True)
@@ -129,16 +131,36 @@ def _check_classes(datasets: Mapping[str, ImageDataset], num_classes: int, model
     classes = datasets[names[0]].classes
     for name in names[1:]:
         if datasets[name].classes != classes:
-            raise DataError(
-                f"the {name} data has classes {datasets[name].classes[:4]}... but {names[0]} has {classes[:4]}...; "
-                "every split needs the same class folders"
-            )
+            raise DataError(f"{class_difference(name, datasets[name].classes, names[0], classes)}; every split needs the same class folders")
     if len(classes) != num_classes:
         raise DataError(
             f"{model} predicts {num_classes} classes but the data has {len(classes)} class folders; "
             "pass weights and --model-kwargs for the data's classes"
         )
     return list(classes)
+
+
+def class_difference(name: str, theirs: list[str], reference: str, ours: list[str]) -> str:
+    """Say how two class lists differ: the names only one side has, or the first position where
+    the order differs (the labels are positions in the sorted list).
+
+    Example:
+        >>> class_difference("val", ["cat", "dog", "emu"], "train", ["cat", "dog", "fox"])
+        'the val data has classes that train lacks (emu) and lacks some that train has (fox)'
+    """
+    extra = [c for c in theirs if c not in ours]
+    missing = [c for c in ours if c not in theirs]
+    if extra or missing:
+        parts = []
+        if extra:
+            parts.append(f"has classes that {reference} lacks ({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})")
+        if missing:
+            parts.append(
+                f"lacks some that {reference} has ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})"
+            )
+        return f"the {name} data " + " and ".join(parts)
+    i = next(i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b)
+    return f"the {name} data has class {theirs[i]!r} at label {i}, where {reference} has {ours[i]!r}"
 
 
 def _prepare_run_dir(run_dir: Path, config: cache.RunConfig, overwrite: bool, notes: list[str]) -> cache.RunConfig:
@@ -161,7 +183,26 @@ def _prepare_run_dir(run_dir: Path, config: cache.RunConfig, overwrite: bool, no
         if old.identity() == config.identity():
             config.splits = {**old.splits, **config.splits}
             return config
-        notes.append(f"{run_dir} was extracted with other gates, pooling or preprocessing; rebuilding its cache")
+        changed = [
+            what
+            for what, a, b in (
+                ("gates", old.gates, config.gates),
+                ("pooling", old.pooling, config.pooling),
+                ("preprocessing", [old.preprocess, old.input_size], [config.preprocess, config.input_size]),
+                ("feature dtype", old.feature_dtype, config.feature_dtype),
+            )
+            if a != b
+        ] or ["settings"]
+        removed = [f"the cache of {', '.join(sorted(old.splits))}"] if old.splits else []
+        removed += [what for what, name in (("the fitted gates", "gates.json"), ("the calibration", "calibration.json"))
+                    if (run_dir / name).exists()]  # fmt: skip
+        lost = sorted(set(old.splits) - set(config.splits))
+        note = f"{run_dir} was extracted with other {' and '.join(changed)}: removed {', '.join(removed) or 'nothing'}"
+        if lost:
+            note += f"; the {', '.join(lost)} split{'s are' if len(lost) > 1 else ' is'} not rebuilt: pass " + " ".join(
+                f"--{s} DATA" for s in lost
+            )
+        notes.append(note)
     for p in (run_dir / cache.CACHE_DIR,):
         shutil.rmtree(p, ignore_errors=True)
     for name in ("gates.json", "gates.safetensors", "calibration.json"):
@@ -187,6 +228,8 @@ def extract(
     shard_size: int | None = None,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    trust_code: bool = True,
+    factory: Any = None,
 ) -> ExtractResult:
     """Run the frozen backbone once over each split and cache pooled gate features.
 
@@ -209,6 +252,10 @@ def extract(
         shard_size: samples per shard (None: about 256 MB per shard, 256 to 8192 samples).
         overwrite: replace a run directory made for another model or weights.
         progress: called as ``progress(split, done, total)`` after each batch.
+        trust_code: import and call a ``package.module:factory`` model spec (True: the caller
+            wrote the spec; pass False when it was read from a file, such as an earlier run.json).
+        factory: for a factory spec, the factory itself (a callable, or the Python module
+            holding it), used instead of importing the spec's module.
 
     Example:
         >>> r = extract("runs/r56", "cifar_resnet56", {"train": "cifar/train", "val": "cifar/val"},
@@ -227,15 +274,34 @@ def extract(
         pooling = PoolingPolicy(pooling.sizes, pooling.ops)
     policy = pooling or PoolingPolicy()
     dev = resolve_device(device)
-    backbone = build_backbone(model, weights=weights, model_kwargs=model_kwargs)
+    backbone = build_backbone(
+        model,
+        weights=weights,
+        model_kwargs=model_kwargs,
+        trust_code=trust_code,
+        factory=factory,
+        origin=str(cache.run_file(run_dir)),
+    )
     backbone.preprocess = backbone.preprocess.override(**dict(preprocess or {}))
+    check_input_size(backbone.preprocess, batch_size)
     notes: list[str] = []
     if weights is None:
         notes.append("no --weights given: the backbone is randomly initialised")
     datasets = {name: open_dataset(spec, backbone.preprocess) for name, spec in splits.items()}
+    for name, ds in datasets.items():
+        empty = getattr(ds, "empty_classes", [])
+        if empty and name == "train":
+            raise DataError(
+                f"class folder{'s' if len(empty) > 1 else ''} {', '.join(empty[:5])} of the train data {ds.spec} "
+                "hold no images; a gate cannot learn a class it never sees: add images or remove the folder"
+            )
+        if empty:
+            notes.append(f"warning: the {name} data has no images of class {', '.join(empty[:5])}")
     example = _example_input(next(iter(datasets.values())), backbone)
+    backbone.input_size = int(example.shape[-1])  # the data's size: default gates are placed by cost at it
     info = describe_run(backbone, gates, policy, example)
     classes = _check_classes(datasets, info["num_classes"], str(backbone.spec))
+    check_feature_memory(info, {name: len(ds) for name, ds in datasets.items()}, [c.name for c in info["cuts"]])
     config = cache.RunConfig(
         model=backbone.spec.to_dict(),
         weights=backbone.weights.to_dict() if backbone.weights else None,
@@ -252,22 +318,72 @@ def extract(
         costs=info["costs"],
         splits={name: str(ds.spec) for name, ds in datasets.items()},
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = _prepare_run_dir(run_dir, config, overwrite, notes)
-    cache.write_run(run_dir, config)
-
-    stages = info["stages"]
-    module = backbone.module.to(dev)
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    per_sample = 4 * (sum(config.feature_sizes) + config.num_classes) + 16
-    shard = shard_size or max(256, min(8192, SHARD_BYTES // per_sample))
-    summaries = {}
-    for name, ds in datasets.items():
-        summaries[name] = _extract_split(
-            run_dir, name, ds, backbone, stages, config, dev, batch_size, workers, channels_last, shard, progress, notes
-        )
+    with cache.locked(run_dir, "extract"):
+        config = _prepare_run_dir(run_dir, config, overwrite, notes)
+        cache.write_run(run_dir, config)
+        # the stages, not only the model: a stage owns copies of buffers it reads with get_attr
+        # (Swin's relative position index), which moving the model leaves behind
+        stages = [stage.to(dev) for stage in info["stages"]]
+        if channels_last:
+            stages = [stage.to(memory_format=torch.channels_last) for stage in stages]
+        per_sample = 4 * (sum(config.feature_sizes) + config.num_classes) + 16
+        shard = shard_size or max(256, min(8192, SHARD_BYTES // per_sample))
+        summaries = {}
+        for name, ds in datasets.items():
+            summaries[name] = _extract_split(
+                run_dir, name, ds, backbone, stages, config, dev, batch_size, workers, channels_last, shard, progress, notes
+            )
     return ExtractResult(run_dir, config, summaries, describe(dev), time.perf_counter() - t0, notes)
+
+
+def _check_finite(batch: dict[str, torch.Tensor], dataset: ImageDataset, index: torch.Tensor) -> None:
+    """Refuse NaN or infinite features or logits: no gate can be fitted on them."""
+    for key, v in batch.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            row = int((~torch.isfinite(v.reshape(v.shape[0], -1))).any(1).nonzero()[0])
+            what = key.removeprefix("features.")
+            raise DataError(
+                f"the backbone gives NaN or infinite values {'at ' + what if what != key else 'as ' + key} for image "
+                f"{int(index[row])} of {dataset.spec}; check the weights, the preprocessing (--mean/--std) and the "
+                "feature dtype (float16 overflows above 65504)"
+            )
+
+
+def check_input_size(preprocess: Preprocess, batch_size: int) -> None:
+    """Refuse an input size whose batches cannot fit in memory (``--crop 100000``) before any work.
+
+    Raises:
+        SpecError: naming the size, what a batch would take and what this machine has.
+    """
+    side = preprocess.crop or preprocess.resize
+    if side is None:
+        return
+    per_image = 3 * side * side * 4 * 2  # the uint8 decode is smaller; the float input and one copy
+    avail = available_memory()
+    limit = (avail // 2) if avail else 64 << 30
+    if side > MAX_SIDE or per_image * batch_size > limit:
+        option = "--crop" if preprocess.crop else "--resize"
+        raise SpecError(
+            f"{option} {side} makes each batch of {batch_size} images {gib(per_image * batch_size)} in memory, more than "
+            f"this machine can give ({gib(limit)}"
+            + (f", and sides above {MAX_SIDE} px are refused" if side > MAX_SIDE else "")
+            + f"); use a smaller {option} or --batch-size"
+        )
+
+
+def check_feature_memory(info: dict[str, Any], sizes: Mapping[str, int], names: list[str]) -> None:
+    """Refuse gate features that `dgate fit` could not hold in memory for the largest split."""
+    n = max(sizes.values())
+    avail = available_memory()
+    if not avail:
+        return
+    for name, d in zip(names, info["feature_sizes"], strict=True):
+        need = 4 * d * n * 3  # the features, their standardised copy and the solver's work
+        if need > avail:
+            raise SpecError(
+                f"gate {name} would have {d:,} features: fitting it on {n:,} images needs about {gib(need)}, more "
+                f"than this machine's {gib(avail)} available; use a coarser --pool (or --pool-budget) or fewer --gates"
+            )
 
 
 def _extract_split(
@@ -291,15 +407,17 @@ def _extract_split(
     index = cache.read_index(run_dir, split)
     if index is not None and (index.identity != identity or index.fingerprint != fingerprint):
         what = "files" if index.identity == identity else "settings"
-        notes.append(f"the {split} cache was made from other {what}; rebuilding it")
+        after = {"train": "; fit the gates again", "val": "; calibrate again"}.get(split, "") if index.complete else ""
+        notes.append(f"the {split} cache was made from other {what}; rebuilding it{after}")
         cache.reset_split(run_dir, split)
         index = None
-    if index is not None and not cache.shards_intact(run_dir, split, index):
-        notes.append(f"the {split} cache has missing or damaged shards; rebuilding it")
+    problem = cache.damaged_shards(run_dir, split, index) if index is not None else None
+    if problem:
+        notes.append(f"the {split} cache is damaged ({problem}); rebuilding it")
         cache.reset_split(run_dir, split)
         index = None
     if index is not None and index.complete:
-        cached = cache.load_split(run_dir, split, with_features=False)
+        cached = cache.load_split(run_dir, split, with_features=False, verify=False)  # just verified
         if progress:
             progress(split, len(cached), len(cached))
         return SplitSummary(
@@ -333,6 +451,7 @@ def _extract_split(
                         )
                 logits = x.float().cpu()
                 batch.update(logits=logits, labels=labels, index=idx)
+                _check_finite(batch, dataset, idx)
                 correct += int((logits.argmax(1) == labels).sum())
                 writer.add(batch)
                 done += labels.shape[0]
@@ -345,7 +464,7 @@ def _extract_split(
     seconds = time.perf_counter() - t0
     if resumed:
         notes.append(f"resumed {split} at image {resumed} of {len(dataset)}")
-        accuracy = cache.load_split(run_dir, split, with_features=False).backbone_accuracy
+        accuracy = cache.load_split(run_dir, split, with_features=False, verify=False).backbone_accuracy
     else:
         accuracy = correct / max(1, len(dataset))
     return SplitSummary(split, str(dataset.spec), len(dataset), accuracy, seconds, reused=False, resumed_from=resumed)

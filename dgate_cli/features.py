@@ -118,17 +118,23 @@ class PoolingPolicy:
         return cls(None if auto else parsed.sizes, parsed.ops, int(budget))
 
     def for_stage(self, shape: tuple[int, ...], layout: str) -> Pooling:
-        """The pooling of a gate on a stage output of ``shape`` (one sample) and ``layout``."""
-        if self.sizes is not None:
-            return Pooling(self.sizes, self.ops)
+        """The pooling of a gate on a stage output of ``shape`` (one sample) and ``layout``.
+
+        Raises:
+            SpecError: if fixed grid sizes are finer than the stage output (a 1000x1000 grid on a
+                32x32 map would only repeat its values, at a million features a channel).
+        """
         if layout == "nc":
             return Pooling((1,), self.ops)
-        if layout == "nchw":
-            channels, side = shape[0], min(shape[1], shape[2])
-        elif layout == "nhwc":
-            channels, side = shape[2], min(shape[0], shape[1])
-        else:  # nlc: tokens, maybe with a class token
-            channels, side = shape[1], math.isqrt(shape[0])
+        channels, side = grid_of(shape, layout)
+        if self.sizes is not None:
+            if max(self.sizes) > side:
+                raise SpecError(
+                    f"--pool {','.join(map(str, self.sizes))} asks for a {max(self.sizes)}x{max(self.sizes)} grid on a "
+                    f"stage output of {'x'.join(map(str, shape))}, which has only {side} cells a side; "
+                    f"use grid sizes up to {side} (or --pool auto)"
+                )
+            return Pooling(self.sizes, self.ops)
         for k in AUTO_SIZES:
             pooling = Pooling((k,), self.ops)
             if k <= side and pooling.feature_size(channels) <= self.budget:
@@ -155,6 +161,22 @@ class PoolingPolicy:
             tuple(d.get("ops", ("avg",))),
             int(d.get("budget", DEFAULT_BUDGET)),
         )
+
+
+def grid_of(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
+    """``(channels, cells a side)`` of one sample's stage output of ``shape`` in ``layout``.
+
+    Example:
+        >>> grid_of((16, 32, 30), "nchw"), grid_of((197, 768), "nlc")
+        ((16, 30), (768, 14))
+    """
+    if layout == "nchw":
+        return shape[0], min(shape[1], shape[2])
+    if layout == "nhwc":
+        return shape[2], min(shape[0], shape[1])
+    if layout == "nlc":  # tokens, maybe with a class token
+        return shape[1], math.isqrt(shape[0])
+    return shape[0], 1
 
 
 def layout_of(x: torch.Tensor, channels_last: bool = False) -> str:

@@ -147,6 +147,23 @@ def fit(
     dev = resolve_device(device)
     run_dir = Path(run_dir)
     config = cache.read_run(run_dir)
+    with cache.locked(run_dir, "fit"):
+        return _fit(run_dir, config, loss, C, C_grid, holdout, target, dev, max_iter, progress, t0)
+
+
+def _fit(
+    run_dir: Path,
+    config: cache.RunConfig,
+    loss: str,
+    C: float | None,
+    C_grid: tuple[float, ...],
+    holdout: float,
+    target: str,
+    dev: torch.device,
+    max_iter: int,
+    progress: ProgressFn | None,
+    t0: float,
+) -> FitResult:
     train = cache.load_split(run_dir, "train")
     val = cache.load_split(run_dir, "val") if _complete(run_dir, "val") else None
     K = config.num_classes
@@ -225,9 +242,15 @@ def read_gates(run_dir: str | Path) -> FittedGates:
         raise CacheMismatchError(
             f"the gates in {run_dir} are unreadable ({exc}); run `dgate fit {run_dir}` again"
         ) from exc
-    if meta.get("identity") != config.identity():
+    if not isinstance(meta, dict) or meta.get("identity") != config.identity():
         raise CacheMismatchError(
             f"the gates in {run_dir} were fitted on an older cache; run `dgate fit {run_dir}` again"
+        )
+    train = cache.read_index(run_dir, "train")
+    if train is None or meta.get("train_fingerprint") != train.fingerprint:
+        raise CacheMismatchError(
+            f"the gates in {run_dir} were fitted on other train images (the train split was extracted again "
+            f"since); run `dgate fit {run_dir}` again"
         )
     names = [g["gate"] for g in meta["gates"]]
     missing = [n for n in names if f"{n}.weight" not in tensors]

@@ -67,6 +67,7 @@ def extract_command(
     overwrite: Annotated[
         bool, typer.Option(help="Replace a RUN_DIR that was made for another model or weights.")
     ] = False,
+    trust_code: o.TrustCode = False,
     json: o.Json = False,
 ) -> None:
     """Run the frozen backbone once over each split and cache pooled gate features, logits and labels.
@@ -84,6 +85,7 @@ def extract_command(
         "mean": o.float_tuple(mean, "--mean"),
         "std": o.float_tuple(std, "--std"),
     }
+    from_file = model is None
     if model is None:  # reuse the settings of RUN_DIR; options given explicitly change them
         if not cache.run_file(run_dir).is_file():
             fail(f"--model is required: {run_dir} has no earlier extraction to take the settings from")
@@ -120,12 +122,16 @@ def extract_command(
             overwrite=overwrite,
             progress=bar,
             preprocess=preprocess,
+            trust_code=trust_code or not from_file,  # a spec on the command line is the user's own
         )
     if json:
         print_json(result.to_dict())
         return
     for n in result.notes:
-        (warn if "random" in n else note)(n)
+        if n.startswith("warning: "):
+            warn(n.removeprefix("warning: "))
+        else:
+            (warn if "random" in n or "removed" in n else note)(n)
     render(result)
 
 
