@@ -38,6 +38,7 @@ class BenchRow:
         speedup: backbone time / gated time, over all timed batches.
         ideal_speedup: backbone MACs / gated mean MACs on these images (gates included).
         efficiency: speedup / ideal_speedup.
+        accuracy, backbone_accuracy: on every image given, both run in batches of the row's size.
         mode: ``batch`` (each batch on its own, as :meth:`GatedModel.forward` runs it),
             ``stream`` (:meth:`GatedModel.stream`: survivors of several batches share a stage
             batch; latencies are then mean and worst time per input batch over the passes) or
@@ -80,6 +81,7 @@ class BenchResult:
             "machine": self.machine,
             "torch": self.torch_version,
             "cuda_graphs": self.cuda_graphs,
+            "thresholds": list(self.thresholds),
         }
         return [{**asdict(r), **meta} for r in self.rows]
 
@@ -144,9 +146,10 @@ def bench(
     def backbone(x: torch.Tensor) -> torch.Tensor:
         return model.backbone_forward(x).argmax(1)
 
-    # the backbone's accuracy does not depend on the batch size: measured once
-    bb_acc = _accuracy(backbone, images, labels, 64) if labels is not None else None
     for b in batch_sizes:
+        # both accuracies at the row's own batch size: kernels, and so rounding and decisions, may
+        # differ by batch size
+        bb_acc = _accuracy(backbone, images, labels, b) if labels is not None else None
         nb = max(min_batches, n // b)
         starts = [(i * b) % max(1, n - b + 1) for i in range(nb)] if n >= b else [0] * nb
         batches = [images[s : s + b] if n >= b else images.repeat(math.ceil(b / n), 1, 1, 1)[:b] for s in starts]
@@ -308,9 +311,9 @@ def _row(
 def _accuracy(
     classes: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor, b: int
 ) -> float:
-    """Accuracy of ``classes(x)`` on ``images``, run in batches of ``b`` (at least 64)."""
+    """Accuracy of ``classes(x)`` on ``images``, run in batches of ``b``."""
     correct = 0
-    step = max(b, 64)
+    step = b
     with torch.inference_mode():
         for s in range(0, images.shape[0], step):
             x = images[s : s + step]

@@ -22,10 +22,10 @@ from . import _io, cache, manifest
 from ._version import __version__
 from .calibrate import read_calibration
 from .cpu_fusion import fuse_pointwise
-from .errors import CacheMismatchError, ManifestError, MissingFileError
+from .errors import CacheMismatchError, ManifestError, MissingFileError, NotFittedError, SpecError
 from .features import Pooling
-from .fit import read_gates
-from .models import build_backbone
+from .fit import FittedGates, read_gates
+from .models import build_backbone, parse_model_spec, read_weights
 from .models.weights import load_into
 from .runtime import GatedModel, fuse_batchnorm
 from .thresholds import OperatingPoint
@@ -44,25 +44,38 @@ class ExportResult:
 def export(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> ExportResult:
     """Write the calibrated gated model of ``run_dir`` to ``out_dir``.
 
+    The backbone's weights are read from the checkpoint the run was extracted with (checked
+    against its sha256); no model code is imported or run.
+
     Example:
         >>> export("runs/r56", "models/r56-gated")  # doctest: +SKIP
         >>> model = load("models/r56-gated")  # doctest: +SKIP
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = cache.read_run(run_dir)
-    fitted = read_gates(run_dir)
-    calib = read_calibration(run_dir)
-    if calib.get("gates_sha256") and calib["gates_sha256"] != _io.sha256_file(run_dir / "gates.safetensors"):
-        raise CacheMismatchError(
-            f"the gates in {run_dir} were refitted after calibration; run `dgate calibrate {run_dir}` again"
-        )
+    with cache.locked(run_dir, "export"):
+        fitted = read_gates(run_dir)
+        calib = read_calibration(run_dir)
+        return _export(run_dir, out_dir, config, fitted, calib, overwrite)
+
+
+def _export(
+    run_dir: Path, out_dir: Path, config: cache.RunConfig, fitted: FittedGates, calib: dict[str, Any], overwrite: bool
+) -> ExportResult:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpecError(f"--out {out_dir} is a file; choose a new or empty directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / manifest.MANIFEST).is_file():
         raise MissingFileError(f"{out_dir} exists and is not a dgate export; choose a new or empty --out directory")
     if (out_dir / manifest.MANIFEST).is_file() and not overwrite:
         raise CacheMismatchError(f"{out_dir} already holds an exported model; pass --overwrite to replace it")
     source = (config.weights or {}).get("source")
-    backbone = build_backbone(config.model["spec"], weights=source, model_kwargs=config.model["kwargs"])
-    if backbone.weights and config.weights and backbone.weights.sha256 != config.weights["sha256"]:
+    if source is None:
+        raise NotFittedError(
+            f"{run_dir} was extracted with a randomly initialised backbone, whose weights were not saved; "
+            "extract it again with --weights FILE"
+        )
+    state, path, _ = read_weights(parse_model_spec(config.model["spec"], config.model["kwargs"]), source)
+    if _io.sha256_file(path) != config.weights["sha256"]:  # type: ignore[index]
         raise CacheMismatchError(
             f"{source} changed since `dgate extract` (sha256 differs); run extract, fit and calibrate again on the current weights"
         )
@@ -106,7 +119,7 @@ def export(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False)
     }
     return write_export(
         out_dir,
-        backbone.module.state_dict(),
+        state,
         [fitted.weights[n] for n in names],
         [fitted.biases[n] for n in names],
         data,
@@ -134,12 +147,14 @@ def write_export(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=_io.INCOMPLETE_SUFFIX, dir=out_dir.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_io.umask())  # mkdtemp makes it 0700; a directory gets the umask's mode, as mkdir
         _io.save_tensors(
             tmp / manifest.WEIGHTS,
             tensors,
             metadata={"format": "dgate", "schema_version": str(manifest.SCHEMA_VERSION)},
         )
         data["weights"]["sha256"] = _io.sha256_file(tmp / manifest.WEIGHTS)
+        data = manifest.seal(data)
         manifest.validate(data)
         _io.write_json(tmp / manifest.MANIFEST, data)
         if out_dir.exists():
@@ -158,17 +173,27 @@ def load(
     verify: bool = True,
     channels_last: bool = True,
     fuse: bool = True,
+    *,
+    trust_code: bool = False,
+    factory: Any = None,
 ) -> GatedModel:
     """Load an exported gated model.
+
+    Opening a directory is as safe as opening a safetensors file: the manifest is data, checked
+    field by field, and no code it names is imported or run unless you say so.
 
     Args:
         directory: a directory written by ``dgate export``.
         device: where to put the model.
-        verify: check ``model.safetensors`` against the sha256 in the manifest (default).
+        verify: check ``model.safetensors`` and ``dgate.json`` against the sha256s the export
+            recorded (default). They catch corruption and edits, not a forger, who can rewrite them.
         channels_last: run convolutions in channels-last memory format.
         fuse: fold BatchNorm into the convolutions before it (faster inference, same results to
             float rounding); on a CPU also run each convolution and the ReLU and residual add
             after it as one oneDNN call on batches (:mod:`.cpu_fusion`; the same results).
+        trust_code: for a backbone built by your own ``package.module:factory``: import and call
+            the factory the manifest names. Off by default: a manifest must not run code.
+        factory: or pass that factory yourself (the callable, or the Python module holding it).
 
     Example:
         >>> model = load("models/r56-gated")  # doctest: +SKIP
@@ -178,7 +203,7 @@ def load(
     from ._device import resolve_device
 
     directory = Path(directory)
-    data = manifest.read(directory)
+    data = manifest.read(directory, verify=verify)
     wpath = directory / data["weights"]["file"]
     if not wpath.is_file():
         raise ManifestError(f"{wpath} is missing; re-export the model with `dgate export`")
@@ -191,7 +216,12 @@ def load(
     except (SafetensorError, OSError, ValueError) as exc:
         raise ManifestError(f"{wpath} is not a readable safetensors file ({exc}); re-export the model") from exc
     backbone = build_backbone(
-        data["model"]["spec"], model_kwargs=data["model"]["kwargs"], input_size=data["input_size"]
+        data["model"]["spec"],
+        model_kwargs=data["model"]["kwargs"],
+        input_size=data["input_size"],
+        trust_code=trust_code,
+        factory=factory,
+        origin=str(directory / manifest.MANIFEST),
     )
     state = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
     load_into(backbone.module, state, str(backbone.spec), str(wpath))

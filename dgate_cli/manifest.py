@@ -1,16 +1,30 @@
 """The gated-model manifest (``dgate.json``): schema version, permitted and required keys, validation.
 
-Readers reject an unknown major ``schema_version`` and a missing required key; they ignore keys
-they do not know (a newer minor writer may add some). Writers write only permitted keys (tested).
+Readers reject an unknown major ``schema_version``, a missing required key and any field of the
+wrong type or range (NaN thresholds, a weights file outside the directory, negative costs); they
+ignore keys they do not know (a newer minor writer may add some). Writers write only permitted
+keys (tested).
+
+Two hashes are recorded: ``weights.sha256`` of ``model.safetensors``, and ``content_sha256`` of the
+manifest's own content (canonical JSON of every other key). Together they detect corruption and
+edits made after export. They are not signatures: whoever can rewrite the directory can rewrite the
+hashes. What makes opening a directory safe is that nothing in it is executed: the weights are
+safetensors, the manifest is validated data, and a model factory it names is imported only when the
+caller passes ``trust_code=True`` (``--trust-code``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestError
+from ._io import sha256_text
+from .errors import ManifestError, SpecError
+from .features import LAYOUTS
+from .gates import SCORES
+from .preprocess import Preprocess
 
 SCHEMA_VERSION = 1
 MANIFEST = "dgate.json"
@@ -37,17 +51,24 @@ OPTIONAL = {
     "channels_last_family": bool,
     "calibration": dict,
     "frontier": list,
+    "content_sha256": str,
 }
+CONTENT_KEY = "content_sha256"
 PERMITTED = set(REQUIRED) | set(OPTIONAL)
 GATE_KEYS = {"name", "layout", "pooling", "features", "cost"}
 
 
 def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
-    """Check a parsed manifest; return it, or raise :class:`ManifestError` naming the problem."""
+    """Check a parsed manifest field by field; return it, or raise :class:`ManifestError` naming the problem.
+
+    Nothing in a manifest is trusted: numbers must be finite where they are costs, thresholds are
+    numbers or ``"inf"`` / ``"-inf"`` (never NaN), names are unique strings, the weights file is a
+    plain file name inside the model directory.
+    """
     if not isinstance(data, dict):
         raise ManifestError(f"{source} is not a JSON object; re-export the model with `dgate export`")
     version = data.get("schema_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise ManifestError(f"{source} has no integer schema_version; re-export the model with `dgate export`")
     if version != SCHEMA_VERSION:
         raise ManifestError(
@@ -60,33 +81,88 @@ def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
             raise ManifestError(
                 f"{source}: '{key}' must be {kind.__name__}, got {type(data[key]).__name__}; re-export the model"
             )
+    for key, kind in OPTIONAL.items():
+        if key in data and not isinstance(data[key], kind):
+            raise ManifestError(f"{source}: '{key}' has the wrong type ({type(data[key]).__name__}); re-export the model")
+    G = len(data["gates"])
+    weights = data["weights"]
+    for key in ("file", "sha256"):
+        if not isinstance(weights.get(key), str):
+            raise ManifestError(f"{source}: weights.{key} is missing; re-export the model")
+    name = weights["file"]
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ManifestError(
+            f"{source}: weights.file {name!r} is not a file name inside the model directory; re-export the model"
+        )
+    _check(source, "model.spec", data["model"].get("spec"), str)
+    _check(source, "model.kwargs", data["model"].get("kwargs"), dict)
+    names: set[str] = set()
     for i, gate in enumerate(data["gates"]):
         if not isinstance(gate, dict) or not set(gate) >= GATE_KEYS:
             raise ManifestError(f"{source}: gate {i} needs keys {sorted(GATE_KEYS)}; re-export the model")
-    if len(data["thresholds"]) != len(data["gates"]):
-        raise ManifestError(
-            f"{source} has {len(data['thresholds'])} thresholds for {len(data['gates'])} gates; re-export the model"
-        )
-    for key in ("file", "sha256"):
-        if not isinstance(data["weights"].get(key), str):
-            raise ManifestError(f"{source}: weights.{key} is missing; re-export the model")
-    G = len(data["gates"])
-    _check(source, "model.spec", data["model"].get("spec"), str)
-    _check(source, "model.kwargs", data["model"].get("kwargs"), dict)
-    for i, gate in enumerate(data["gates"]):
-        _check(source, f"gates[{i}].pooling", gate["pooling"], dict)
-        _check_list(source, f"gates[{i}].pooling.sizes", gate["pooling"].get("sizes"), int, None)
-        _check_list(source, f"gates[{i}].pooling.ops", gate["pooling"].get("ops"), str, None)
-    _check(source, "costs.unit", data["costs"].get("unit"), str)
-    _check_list(source, "costs.reach", data["costs"].get("reach"), (int, float), G + 1)
-    _check_list(source, "costs.gates", data["costs"].get("gates"), (int, float), G)
-    _check_list(source, "classes", data["classes"], str, None)
-    for i, t in enumerate(data["thresholds"]):
-        if not (isinstance(t, (int, float)) and not isinstance(t, bool)) and t not in ("inf", "-inf"):
+        _check(source, f"gates[{i}].name", gate["name"], str)
+        if not gate["name"] or gate["name"] in names:
+            raise ManifestError(f"{source}: gates[{i}].name {gate['name']!r} is empty or repeated; re-export the model")
+        names.add(gate["name"])
+        if gate["layout"] not in LAYOUTS:
             raise ManifestError(
-                f"{source}: thresholds[{i}] must be a number, 'inf' or '-inf', got {t!r}; re-export the model"
+                f"{source}: gates[{i}].layout must be one of {', '.join(LAYOUTS)}, got {gate['layout']!r}; re-export the model"
             )
+        _check(source, f"gates[{i}].pooling", gate["pooling"], dict)
+        _check_list(source, f"gates[{i}].pooling.sizes", gate["pooling"].get("sizes"), int, None, positive=True)
+        _check_list(source, f"gates[{i}].pooling.ops", gate["pooling"].get("ops"), str, None)
+        if not gate["pooling"]["sizes"] or not set(gate["pooling"]["ops"]) <= {"avg", "max"} or not gate["pooling"]["ops"]:
+            raise ManifestError(f"{source}: gates[{i}].pooling is not a valid pooling; re-export the model")
+        _number(source, f"gates[{i}].features", gate["features"], integer=True, positive=True)
+        _number(source, f"gates[{i}].cost", gate["cost"])
+    if data["score"] not in SCORES:
+        raise ManifestError(f"{source}: score must be one of {', '.join(SCORES)}, got {data['score']!r}; re-export the model")
+    _check(source, "costs.unit", data["costs"].get("unit"), str)
+    _check_list(source, "costs.reach", data["costs"].get("reach"), (int, float), G + 1, finite=True)
+    _check_list(source, "costs.gates", data["costs"].get("gates"), (int, float), G, finite=True)
+    reach = data["costs"]["reach"]
+    if any(b < a for a, b in zip(reach, reach[1:], strict=False)) or reach[-1] <= 0:
+        raise ManifestError(f"{source}: costs.reach must grow to a positive backbone cost; re-export the model")
+    _check_list(source, "classes", data["classes"], str, None)
+    if not data["classes"] or len(set(data["classes"])) != len(data["classes"]):
+        raise ManifestError(f"{source}: classes must be a non-empty list of distinct names; re-export the model")
+    _number(source, "input_size", data["input_size"], integer=True, positive=True)
+    if len(data["thresholds"]) != G:
+        raise ManifestError(f"{source} has {len(data['thresholds'])} thresholds for {G} gates; re-export the model")
+    for i, t in enumerate(data["thresholds"]):
+        _threshold(source, f"thresholds[{i}]", t)
+    try:
+        Preprocess.from_dict(data["preprocess"])
+    except (SpecError, TypeError, ValueError) as exc:
+        raise ManifestError(f"{source}: preprocess is invalid ({exc}); re-export the model") from None
+    for i, point in enumerate(data.get("frontier", [])):
+        where = f"frontier[{i}]"
+        if not isinstance(point, dict) or not isinstance(point.get("thresholds"), list):
+            raise ManifestError(f"{source}: {where} is not an operating point; re-export the model")
+        if len(point["thresholds"]) != G:
+            raise ManifestError(f"{source}: {where} has {len(point['thresholds'])} thresholds for {G} gates; re-export the model")
+        for j, t in enumerate(point["thresholds"]):
+            _threshold(source, f"{where}.thresholds[{j}]", t)
+        for key in ("accuracy", "mean_cost", "cost_ratio"):
+            _number(source, f"{where}.{key}", point.get(key))
+        _check_list(source, f"{where}.exit_fractions", point.get("exit_fractions"), (int, float), G + 1, finite=True)
+        if point.get("target") is not None:
+            _number(source, f"{where}.target", point["target"])
     return data
+
+
+def _threshold(source: str, name: str, t: Any) -> None:
+    ok = t in ("inf", "-inf") if isinstance(t, str) else isinstance(t, (int, float)) and not isinstance(t, bool)
+    if not ok or (isinstance(t, float) and math.isnan(t)):
+        raise ManifestError(f"{source}: {name} must be a number, 'inf' or '-inf', got {t!r}; re-export the model")
+
+
+def _number(source: str, name: str, value: Any, integer: bool = False, positive: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if not isinstance(value, kind) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ManifestError(f"{source}: '{name}' must be a finite non-negative number, got {value!r}; re-export the model")
+    if positive and value <= 0:
+        raise ManifestError(f"{source}: '{name}' must be positive, got {value!r}; re-export the model")
 
 
 def _check(source: str, name: str, value: Any, kind: type | tuple[type, ...]) -> None:
@@ -96,20 +172,55 @@ def _check(source: str, name: str, value: Any, kind: type | tuple[type, ...]) ->
         )
 
 
-def _check_list(source: str, name: str, value: Any, kind: type | tuple[type, ...], length: int | None) -> None:
+def _check_list(
+    source: str,
+    name: str,
+    value: Any,
+    kind: type | tuple[type, ...],
+    length: int | None,
+    finite: bool = False,
+    positive: bool = False,
+) -> None:
     if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
         raise ManifestError(f"{source}: '{name}' is missing or has entries of the wrong type; re-export the model")
     if length is not None and len(value) != length:
         raise ManifestError(f"{source}: '{name}' has {len(value)} entries, expected {length}; re-export the model")
+    if finite and not all(math.isfinite(v) and v >= 0 for v in value):
+        raise ManifestError(f"{source}: '{name}' must hold finite non-negative numbers; re-export the model")
+    if positive and not all(v > 0 for v in value):
+        raise ManifestError(f"{source}: '{name}' must hold positive numbers; re-export the model")
 
 
-def read(directory: str | Path) -> dict[str, Any]:
-    """Read and validate ``DIR/dgate.json``."""
+def content_sha256(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's content: canonical JSON of every key but ``content_sha256`` itself."""
+    body = {k: v for k, v in data.items() if k != CONTENT_KEY}
+    return sha256_text(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False))
+
+
+def seal(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its :func:`content_sha256` recorded, as the export writes it."""
+    return {**data, CONTENT_KEY: content_sha256(data)}
+
+
+def read(directory: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Read and validate ``DIR/dgate.json``; with ``verify``, check its content hash too."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{directory} has no {MANIFEST}; pass a directory written by `dgate export`")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise ManifestError(f"{path} is corrupt ({exc}); re-export the model with `dgate export`") from exc
-    return validate(data, str(path))
+    validate(data, str(path))
+    if verify:
+        recorded = data.get(CONTENT_KEY)
+        if not isinstance(recorded, str) or recorded != content_sha256(data):
+            raise ManifestError(
+                f"{path} was changed after export (its content_sha256 does not match); re-export the model, "
+                "or load it with verify=False (--no-verify) to accept the edit"
+            )
+    return data
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")

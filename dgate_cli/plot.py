@@ -9,6 +9,13 @@ from . import _io
 from .errors import SpecError
 
 
+def check_plot_path(path: str | Path) -> None:
+    """Refuse a plot path in a directory that does not exist (dgate creates no directories for it)."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise SpecError(f"--plot {path}: the directory {parent} does not exist; create it or choose another path")
+
+
 def plot_frontiers(
     curves: Mapping[str, Sequence[tuple[float, float]]],
     path: str | Path,
@@ -25,6 +32,7 @@ def plot_frontiers(
         baseline: the backbone's accuracy, drawn as a horizontal line.
         marks: label -> a single point to mark (e.g. the chosen operating point).
     """
+    check_plot_path(path)
     try:
         import matplotlib
 

@@ -11,16 +11,24 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DEMO_GATES
+from conftest import (
+    DEMO_GATES,
+    assert_same_decisions,
+    cascade_thresholds,
+    gate_scores_of,
+    near_threshold,
+    near_tie,
+)
 from safetensors import safe_open
 
 import dgate_cli
 from dgate_cli import _io, cache, cpu_fusion, demo, manifest
 from dgate_cli.calibrate import CalibrationResult, calibrate, outcomes
-from dgate_cli.data import open_dataset
+from dgate_cli.data import open_dataset, spread
 from dgate_cli.errors import CacheMismatchError, ManifestError, SpecError
 from dgate_cli.evaluate import EvaluateResult, evaluate
 from dgate_cli.export import export
@@ -38,6 +46,7 @@ MAX_DROP = 0.02
 MANIFEST_KEYS = [
     "calibration",
     "classes",
+    "content_sha256",
     "costs",
     "dgate_version",
     "frontier",
@@ -110,33 +119,52 @@ def val_images(pipe: Pipeline) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def cached(pipe: Pipeline) -> tuple[GateOutcomes, torch.Tensor, torch.Tensor]:
-    """Calibration's view of the val split: outcomes, (N, G) gate predictions, backbone predictions."""
+def cached(pipe: Pipeline) -> tuple[GateOutcomes, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Calibration's view of the val split: outcomes, (N, G) gate predictions, backbone predictions,
+    and (N, G + 1) whether the outputs at each exit nearly tie between two classes."""
     config = cache.read_run(pipe.run)
     val = cache.load_split(pipe.run, "val")
-    oc, pred = outcomes(config, read_gates(pipe.run), val, pipe.calibration.gates, pipe.calibration.score)
-    return oc, pred, val.logits.argmax(1)
+    gates = read_gates(pipe.run)
+    oc, pred = outcomes(config, gates, val, pipe.calibration.gates, pipe.calibration.score)
+    ties = [near_tie(gates.outputs(n, val.features[n])) for n in pipe.calibration.gates] + [near_tie(val.logits)]
+    return oc, pred, val.logits.argmax(1), torch.stack(ties, 1)
 
 
 def predicted(cached, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
     """(pred, exit) per val sample that the cache predicts for ``thresholds``."""
-    oc, pred, backbone = cached
+    oc, pred, backbone, _ = cached
     e = oc.exits(thresholds)
     G = oc.num_gates
     at_gate = pred.gather(1, e.clamp(max=G - 1)[:, None]).squeeze(1)
     return torch.where(e < G, at_gate, backbone), e
 
 
-def mixed_thresholds(oc: GateOutcomes, quantiles=(0.7, 0.5)) -> list[float]:
-    """Thresholds midway between two cached scores, so that a share of samples leave at each gate."""
-    out = []
-    for g in range(oc.num_gates):
-        s = oc.scores[:, g].double().sort().values
-        i = int(quantiles[g % len(quantiles)] * (len(s) - 1))
-        while i + 1 < len(s) and s[i + 1] == s[i]:
-            i += 1
-        out.append(float((s[i] + s[i + 1]) / 2))
-    return out
+def uncertain(cached, thresholds, ties: bool = True) -> torch.Tensor:
+    """``(N,)`` val samples whose cached score lies within float rounding of a threshold at a gate they
+    reach (their exit may differ on another float path, such as the runtime's), or, with ``ties``,
+    whose outputs at their exit nearly tie between two classes (their class may differ)."""
+    oc = cached[0]
+    return near_threshold(oc.scores, thresholds, oc.exits(thresholds), cached[3] if ties else None)
+
+
+def assert_runtime_matches_cache(out, cached, thresholds, labels=None, point=None) -> torch.Tensor:
+    """The runtime's exits and classes are the cache's for every sample a margin away from its
+    thresholds (and, for the class, from a tie); the few within float rounding (if any) can move
+    the exit fractions and the accuracy by at most their share. Returns the mask of those few."""
+    want_pred, want_exit = predicted(cached, thresholds)
+    undecided, unsure = uncertain(cached, thresholds, ties=False), uncertain(cached, thresholds)
+    n = len(want_exit)
+    assert int(unsure.sum()) <= n // 10, f"{int(unsure.sum())} of {n} samples within rounding"  # not vacuous
+    assert torch.equal(out.exit[~undecided], want_exit[~undecided]), point
+    assert torch.equal(out.pred[~unsure], want_pred[~unsure]), point
+    if point is not None:
+        got = (torch.bincount(out.exit, minlength=cached[0].num_gates + 1).double() / n).tolist()
+        slack = float(undecided.sum()) / n
+        assert max(abs(a - b) for a, b in zip(got, point.exit_fractions, strict=True)) <= slack + 1e-12, point
+        if labels is not None:
+            slack = float(unsure.sum()) / n
+            assert abs(float((out.pred == labels).double().mean()) - point.accuracy) <= slack + 1e-12, point
+    return unsure
 
 
 def copy_export(pipe: Pipeline, tmp_path: Path) -> Path:
@@ -193,16 +221,27 @@ def test_exported_model_does_exactly_what_calibration_predicted(pipe: Pipeline, 
     order = torch.argsort(val_eval.samples["index"])
     got_pred, got_exit = val_eval.samples["pred"][order], val_eval.samples["exit"][order]
     assert torch.equal(val_eval.samples["index"][order], torch.arange(SIZES["val"]))
-    want_pred, want_exit = predicted(cached, cal.chosen.thresholds)
-    assert torch.equal(got_exit, want_exit)
-    assert torch.equal(got_pred, want_pred)
-    assert torch.equal(val_eval.samples["backbone_pred"][order], cached[2])
+    got = SimpleNamespace(exit=got_exit, pred=got_pred)
+    near = assert_runtime_matches_cache(got, cached, cal.chosen.thresholds, point=cal.chosen)
+    tie = cached[3][:, -1]  # the backbone's two top logits within rounding: either class
+    assert torch.equal(val_eval.samples["backbone_pred"][order][~tie], cached[2][~tie])
     assert val_eval.images == SIZES["val"]
-    assert val_eval.accuracy == cal.chosen.accuracy
-    assert val_eval.backbone_accuracy == cal.backbone_accuracy
-    assert val_eval.mean_cost == pytest.approx(cal.chosen.mean_cost, rel=1e-6)
-    assert val_eval.flops_ratio == pytest.approx(cal.chosen.cost_ratio, rel=1e-6)
-    assert val_eval.exit_fractions == pytest.approx(list(cal.chosen.exit_fractions), abs=1e-12)
+    assert abs(val_eval.backbone_accuracy - cal.backbone_accuracy) <= float(tie.sum()) / SIZES["val"]
+    if not near.any():  # every sample a margin away from its thresholds: exactly the calibration's numbers
+        assert val_eval.accuracy == cal.chosen.accuracy
+        assert val_eval.mean_cost == pytest.approx(cal.chosen.mean_cost, rel=1e-6)
+        assert val_eval.flops_ratio == pytest.approx(cal.chosen.cost_ratio, rel=1e-6)
+        assert val_eval.exit_fractions == pytest.approx(list(cal.chosen.exit_fractions), abs=1e-12)
+    else:  # a sample within rounding of a threshold moves each figure by at most its share
+        slack = float(near.sum()) / SIZES["val"]
+        costs = cached[0].exit_costs(torch.tensor(cal.chosen.thresholds) < math.inf)
+        assert abs(val_eval.accuracy - cal.chosen.accuracy) <= slack + 1e-12
+        assert abs(val_eval.mean_cost - cal.chosen.mean_cost) <= slack * float(costs.max() - costs.min()) + 1e-6
+        assert val_eval.exit_fractions == pytest.approx(list(cal.chosen.exit_fractions), abs=slack + 1e-12)
+    # the evaluation's own figures are those of its exits
+    costs = cached[0].exit_costs(torch.tensor(cal.chosen.thresholds) < math.inf)
+    assert val_eval.mean_cost == pytest.approx(float(costs[got_exit].mean()), rel=1e-6)
+    assert val_eval.accuracy == float((got_pred == val_eval.samples["label"][order]).double().mean())
 
 
 def test_every_stored_operating_point_matches_the_cache(pipe: Pipeline, val_images, cached):
@@ -212,19 +251,19 @@ def test_every_stored_operating_point_matches_the_cache(pipe: Pipeline, val_imag
     assert len(points) >= 1  # with strong gates one point (all leave early) can dominate every other
     for p in points:
         model.set_thresholds(list(p.thresholds))
-        out = model(x)
-        want_pred, want_exit = predicted(cached, p.thresholds)
-        assert torch.equal(out.exit, want_exit), p
-        assert torch.equal(out.pred, want_pred), p
-        assert float((out.pred == labels).double().mean()) == p.accuracy
-    # with thresholds that split the samples over every exit too
-    t = mixed_thresholds(cached[0])
+        assert_runtime_matches_cache(model(x), cached, p.thresholds, labels, point=p)
+    # with thresholds that split the samples over every exit too, cut from the cached scores a margin
+    # away from every score that decides: the runtime must then agree on every sample
+    t = cascade_thresholds(cached[0].scores)
+    assert not uncertain(cached, t, ties=False).any()
     model.set_thresholds(t)
     out = model(x)
     counts = torch.bincount(out.exit, minlength=model.num_gates + 1)
     assert (counts > 0).all(), counts
     want_pred, want_exit = predicted(cached, t)
-    assert torch.equal(out.exit, want_exit) and torch.equal(out.pred, want_pred)
+    assert torch.equal(out.exit, want_exit)
+    sure = ~uncertain(cached, t)
+    assert torch.equal(out.pred[sure], want_pred[sure])
 
 
 def test_evaluate_on_held_out_test_images(pipe: Pipeline):
@@ -233,7 +272,9 @@ def test_evaluate_on_held_out_test_images(pipe: Pipeline):
     assert sorted(r.samples["index"].tolist()) == sorted(set(r.samples["index"].tolist()))
     assert sum(sum(row) for row in r.per_class_exits) == 120
     full = evaluate(pipe.export_dir, str(pipe.data["test"]), device="cpu", batch_size=64, workers=0)
-    assert full.backbone_accuracy == pipe.extracted.splits["test"].backbone_accuracy
+    ties = near_tie(cache.load_split(pipe.run, "test").logits)  # these may go either way on another float path
+    slack = float(ties.sum()) / len(ties)
+    assert abs(full.backbone_accuracy - pipe.extracted.splits["test"].backbone_accuracy) <= slack
     assert full.flops_ratio < 1.0
     assert full.to_dict()["exit_fractions"].keys() == {*DEMO_GATES, "backbone"}
 
@@ -257,7 +298,7 @@ def test_samples_that_exit_skip_the_later_stages(pipe: Pipeline, val_images, cac
     assert len(DEMO_GATES) == G and len(model.stages) == G + 1
     seen, handles = record_stage_inputs(model)
 
-    t0 = mixed_thresholds(cached[0])[0]
+    t0 = cascade_thresholds(cached[0].scores[:200], stay=0.3)[0]  # about 70% leave at gate 0
     only_first = [t0] + [math.inf] * (G - 1)
     model.set_thresholds(only_first)
     out = model(x)
@@ -297,21 +338,26 @@ def test_samples_that_exit_skip_the_later_stages(pipe: Pipeline, val_images, cac
 
 def test_batch_size_does_not_change_decisions(pipe: Pipeline, val_images, cached):
     model = dgate_cli.load(pipe.export_dir)
-    model.set_thresholds(mixed_thresholds(cached[0]))
     x = val_images[0][:64]
+    # cut from this batch's own scores: some leave at every gate, none within rounding of a threshold
+    # (batches of 1, 40 and 64 convolve with other kernels: the same scores only up to rounding)
+    model.set_thresholds(cascade_thresholds(gate_scores_of(model, x)))
     big = model(x)
     assert len(set(big.exit.tolist())) == model.num_gates + 1
     singles = [model(x[i : i + 1]) for i in range(64)]
-    assert torch.equal(torch.cat([s.exit for s in singles]), big.exit)
-    assert torch.equal(torch.cat([s.pred for s in singles]), big.pred)
+    assert_same_decisions(big, joined(singles))
     halves = [model(x[:40]), model(x[40:])]
-    assert torch.equal(torch.cat([h.exit for h in halves]), big.exit)
-    assert torch.equal(torch.cat([h.pred for h in halves]), big.pred)
+    assert_same_decisions(big, joined(halves))
+
+
+def joined(outs) -> SimpleNamespace:
+    return SimpleNamespace(exit=torch.cat([o.exit for o in outs]), pred=torch.cat([o.pred for o in outs]))
 
 
 def test_cpu_load_fuses_conv_relu_with_the_same_results(pipe: Pipeline, val_images, cached, monkeypatch):
     model = dgate_cli.load(pipe.export_dir)
-    model.set_thresholds(mixed_thresholds(cached[0]))
+    x = val_images[0][:64]
+    model.set_thresholds(cascade_thresholds(gate_scores_of(model, x)))  # fused convolutions round otherwise
     fused = [m for m in model.stages.modules() if isinstance(m, cpu_fusion.FusedConv2d)]
     # the demo CNN: the stem conv -> relu, and in each of 6 blocks conv1 -> relu and conv2 -> add -> relu
     assert len(fused) == (13 if cpu_fusion.available() else 0)
@@ -320,10 +366,9 @@ def test_cpu_load_fuses_conv_relu_with_the_same_results(pipe: Pipeline, val_imag
     plain = dgate_cli.load(pipe.export_dir)
     plain.set_thresholds(model.thresholds)
     assert not any(isinstance(m, cpu_fusion.FusedConv2d) for m in plain.stages.modules())
-    x = val_images[0][:64]
     with torch.inference_mode():
         a, b = model(x), plain(x)
-        assert torch.equal(a.exit, b.exit) and torch.equal(a.pred, b.pred)
+        assert_same_decisions(a, b)
         torch.testing.assert_close(a.logits, b.logits, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(model.backbone_forward(x), plain.backbone_forward(x), rtol=1e-6, atol=1e-6)
 
@@ -340,10 +385,7 @@ def test_operating_points_switch_without_recalibrating(pipe: Pipeline, val_image
     assert first == model.frontier[0]
     assert model.thresholds == list(first.thresholds)
     out = model(x)
-    want_pred, want_exit = predicted(cached, first.thresholds)
-    assert torch.equal(out.exit, want_exit) and torch.equal(out.pred, want_pred)
-    fractions = (torch.bincount(out.exit, minlength=model.num_gates + 1).double() / len(x)).tolist()
-    assert fractions == pytest.approx(list(first.exit_fractions), abs=1e-12)
+    assert_runtime_matches_cache(out, cached, first.thresholds, point=first)
 
     loose = model.use_operating_point(max_drop=0.1)
     # a point promises its calibration target: the cheapest within max_drop of the backbone's accuracy
@@ -353,8 +395,7 @@ def test_operating_points_switch_without_recalibrating(pipe: Pipeline, val_image
     assert loose.mean_cost == min(p.mean_cost for p in allowed)
     assert model.thresholds == list(loose.thresholds)
     out_loose = model(x)
-    want_pred, want_exit = predicted(cached, loose.thresholds)
-    assert torch.equal(out_loose.exit, want_exit)
+    assert_runtime_matches_cache(out_loose, cached, loose.thresholds, point=loose)
     assert first.mean_cost > loose.mean_cost
     assert not torch.equal(out.exit, out_loose.exit)
 
@@ -403,9 +444,10 @@ def test_truncated_weights_without_verification(pipe: Pipeline, tmp_path: Path):
 
 
 def _edit_manifest(d: Path, edit) -> None:
+    """Edit a manifest as a writer would (its content hash rewritten, so validation is what is tested)."""
     m = json.loads((d / "dgate.json").read_text())
     edit(m)
-    (d / "dgate.json").write_text(json.dumps(m))
+    (d / "dgate.json").write_text(json.dumps(manifest.seal(m)))
 
 
 def test_unknown_schema_version(pipe: Pipeline, tmp_path: Path):
@@ -540,7 +582,7 @@ def test_damaged_nested_manifest_fields(pipe: Pipeline, tmp_path: Path, edit, na
 # -- dgate bench on the exported model ----------------------------------------------------------------
 
 
-def test_bench_command_reports_json_for_each_batch_size(pipe: Pipeline):
+def test_bench_command_reports_json_for_each_batch_size(pipe: Pipeline, cached):
     from typer.testing import CliRunner
 
     from dgate_cli.cli.app import app
@@ -566,7 +608,11 @@ def test_bench_command_reports_json_for_each_batch_size(pipe: Pipeline):
     assert stream_row["images"] == 80 and stream_row["batches"] == 5  # one pass over the same 5 batches
     assert sum(stream_row["exit_fractions"]) == pytest.approx(1.0) and stream_row["speedup"] > 0
     assert stream_row["backbone_accuracy"] == batch_row["backbone_accuracy"]  # 5 batches of 16: the same 80 images
-    assert stream_row["accuracy"] == pytest.approx(batch_row["accuracy"], abs=2 / 80)  # up to float rounding
+    # the stream regroups the survivors into other batches: only a sample within float rounding of a
+    # threshold (or a tie) may be decided otherwise, each moving the accuracy by 1/80
+    timed = spread(SIZES["val"], 80)
+    slack = float(uncertain(cached, pipe.calibration.chosen.thresholds)[timed].sum()) / 80
+    assert abs(stream_row["accuracy"] - batch_row["accuracy"]) <= slack + 1e-12
     table = CliRunner(env={"COLUMNS": "200"}).invoke(app, [*args, "--batch-size", "16", "--images", "48", "--stream"])
     assert table.exit_code == 0 and "16 stream" in table.stdout and "throughput mode" in table.stdout
     worst = CliRunner(env={"COLUMNS": "200"}).invoke(app, [*args, "--batch-size", "16", "--images", "32", "--no-exits"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
@@ -22,6 +21,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+
+from .._io import dumps
 
 out = Console(soft_wrap=False)
 err = Console(stderr=True)
@@ -43,16 +44,8 @@ def note(message: str) -> None:
 
 def print_json(obj: Any) -> None:
     """Print one JSON object on stdout (plain text, no colour)."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    sys.stdout.write(dumps(obj) + "\n")
     sys.stdout.flush()
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
 
 
 class RateColumn(ProgressColumn):

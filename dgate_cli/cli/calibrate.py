@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..calibrate import CalibrationResult, calibrate
 from ..flops import human
-from ..plot import plot_frontiers
+from ..plot import check_plot_path, plot_frontiers
 from . import _options as o
 from ._output import out, pct, print_json, warn
 
@@ -74,6 +74,8 @@ def calibrate_command(
 
     Example: dgate calibrate runs/r56 --max-drop 0.01   or   dgate calibrate runs/r56 --target-acc 0.93
     """
+    if plot is not None:
+        check_plot_path(plot)  # before the work, not after it
     result = calibrate(
         run_dir,
         target_acc=target_acc,
