@@ -79,6 +79,7 @@ class _GatePlan(NamedTuple):
     bias: torch.Tensor
     bias_np: np.ndarray  # on the host, for the NumPy decisions
     bias_list: list[float]  # for one sample's decision in Python
+    key: tuple  # the gate buffers' storage and version counters when the plan was made
 
 
 class GatedModel(nn.Module):
@@ -177,29 +178,38 @@ class GatedModel(nn.Module):
 
     # -- operating point --------------------------------------------------------------------------
     def set_thresholds(self, thresholds: Sequence[float | str | None]) -> GatedModel:
-        """Set the gates' thresholds (``inf`` or None closes a gate). Returns ``self``.
+        """Set the gates' thresholds (``inf``, ``"inf"`` or None closes a gate). Returns ``self``.
 
         Example:
             >>> model.set_thresholds([2.0, float("inf")])  # doctest: +SKIP
         """
-        if len(thresholds) != self.num_gates:
-            raise ValueError(f"expected {self.num_gates} thresholds (one per gate), got {len(thresholds)}")
-        values = [decode_threshold(t) if not isinstance(t, float) else t for t in thresholds]
-        if any(math.isnan(v) for v in values):
-            raise ValueError("thresholds must be numbers or inf, not NaN")
-        self.thresholds = values
+        self.thresholds = thresholds  # type: ignore[assignment]
         return self
 
     @property
     def thresholds(self) -> list[float]:
         """Per gate, the threshold its exit score must reach (``inf``: closed). A copy: change
-        them with :meth:`set_thresholds` (or by assigning a whole list)."""
+        them with :meth:`set_thresholds` or by assigning a whole list (both are checked)."""
         return list(self._thresholds)
 
     @thresholds.setter
-    def thresholds(self, values: Sequence[float]) -> None:
-        self._thresholds = list(values)
-        self._t32 = [_f32(t) for t in self._thresholds]
+    def thresholds(self, values: Sequence[float | str | None]) -> None:
+        try:
+            values = [] if isinstance(values, (str, bytes)) else list(values)
+        except TypeError:
+            values = []
+        if not values and self.num_gates:
+            raise ValueError(f"thresholds must be a list of {self.num_gates} numbers (one per gate)")
+        if len(values) != self.num_gates:
+            raise ValueError(f"expected {self.num_gates} thresholds (one per gate), got {len(values)}")
+        try:
+            parsed = [decode_threshold(t) for t in values]
+        except (TypeError, ValueError):
+            raise ValueError(f"thresholds must be numbers, 'inf' or None, got {values!r}") from None
+        if any(math.isnan(v) for v in parsed):
+            raise ValueError("thresholds must be numbers or inf, not NaN")
+        self._thresholds = parsed
+        self._t32 = [_f32(t) for t in parsed]
 
     def use_operating_point(self, max_drop: float | None = None, index: int | None = None) -> OperatingPoint:
         """Switch to a stored frontier point: the cheapest whose promised accuracy (its calibration
@@ -301,11 +311,11 @@ class GatedModel(nn.Module):
         more than ``_KERNEL_BATCH`` values (the kernel runs on one thread; PyTorch pools a large
         batch on all of them). Cached per shape, strides, dtype, device kind and exit rule until
         the model moves or loads new weights."""
+        plan = self._plan(g)  # first: it drops this gate's bindings if its weights changed
         key = (g, h.shape, h.stride(), h.dtype, h.is_cpu, self.score)
         entry = self._natives.get(key, False)
         if entry is not False:
             return entry
-        plan = self._plan(g)
         s = plan.size  # 0: not one average grid on an NCHW output
         w, b = plan.weight_t.t(), self.gate_bias(g)  # (K, D) in (s, s, C) order, the kernel's
         usable = (
@@ -375,10 +385,15 @@ class GatedModel(nn.Module):
         one average grid on an NCHW output in ``(s, s, C)`` order, to read a channels-last pooled
         tensor without a copy, and in ``(C, s, s)`` order for a contiguous one; the bias as a
         tensor, a NumPy array and a list, for the device and the two host paths."""
-        plan = self._plans.get(g)
-        if plan is not None:
-            return plan
         w, bias = self.gate_weight(g), self.gate_bias(g)
+        key = (w.data_ptr(), _version(w), bias.data_ptr(), _version(bias), w.device)
+        plan = self._plans.get(g)
+        if plan is not None and plan.key == key:
+            return plan
+        if plan is not None:  # the gate's weights changed (in place, or replaced): drop what holds the old
+            self._natives = {k: v for k, v in self._natives.items() if k[0] != g}
+            if self._graphs is not None:
+                self._graphs.reset()
         pooling = self.poolings[g]
         size, w_t = 0, w.t()
         if self.layouts[g] == "nchw" and pooling.ops == ("avg",) and len(pooling.sizes) == 1:
@@ -387,7 +402,7 @@ class GatedModel(nn.Module):
                 size = s
                 w_t = w.view(w.shape[0], -1, s, s).permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous().t()
         host = bias.detach().cpu()
-        plan = self._plans[g] = _GatePlan(size, w.shape[1], w_t, w.t(), bias, host.numpy(), host.tolist())
+        plan = self._plans[g] = _GatePlan(size, w.shape[1], w_t, w.t(), bias, host.numpy(), host.tolist(), key)
         return plan
 
     def forward(self, x: torch.Tensor) -> GatedOutput:
@@ -682,6 +697,11 @@ def _chain(stages: nn.ModuleList, channels_last: bool, x: torch.Tensor) -> torch
     for stage in stages:
         x = stage(x)
     return x.float()
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t``'s version counter (bumped by in-place edits); -1 for inference tensors, which have none."""
+    return -1 if t.is_inference() else t._version
 
 
 def _at_head(out: torch.Tensor, head: int) -> GatedOutput:

@@ -14,9 +14,11 @@ starting points; coordinate descent from them, then block descent over pairs of 
 to five gates, neighbouring pairs beyond), finishes. For two gates the result is the exact optimum;
 for three it is at least as cheap as an exhaustive search over a fine grid (tested); the paper's
 sequential rule is the first sweep from all gates closed, so the search never does worse.
-Thresholds are placed midway between consecutive distinct scores, so a tiny numerical difference
-between calibration and runtime does not move a sample across a threshold. Costs charge only open
-gates, as the runtime skips closed ones.
+Thresholds are float32 numbers, as the runtime compares float32 scores with float32 thresholds:
+each sits between two consecutive distinct scores (at the float32 nearest their midpoint, moved
+off the lower score where the two are a few ulps apart), and every accuracy the search promises is
+checked with exactly that comparison before it is returned. Costs charge only open gates, as the
+runtime skips closed ones.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class GateOutcomes:
     gate_costs: torch.Tensor
 
     def __post_init__(self) -> None:
+        if self.scores.is_floating_point() and self.scores.dtype != torch.float32:
+            # the runtime's scores are float32: compare as it does (see the module docstring)
+            object.__setattr__(self, "scores", self.scores.float())
         if self.scores.dim() != 2:
             raise SpecError(f"gate outcomes need scores of shape (N, G), got {tuple(self.scores.shape)}")
         n, g = self.scores.shape
@@ -175,6 +180,31 @@ def decode_threshold(t: float | str | None) -> float:
     return float(t)
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def f32(v: float) -> float:
+    """``v`` rounded to the nearest float32 (beyond float32's range: an infinity)."""
+    return float(torch.tensor(v, dtype=torch.float64).float())
+
+
+def between(lo: float, hi: float) -> float:
+    """A float32 threshold ``t`` with ``lo < t <= hi`` in float32 (``lo < hi`` float32 values).
+
+    Example:
+        >>> one_ulp_up = float(torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)))
+        >>> t = between(1.0, one_ulp_up)
+        >>> 1.0 < t <= one_ulp_up  # the float64 midpoint would round back onto 1.0
+        True
+    """
+    t = f32((lo + hi) / 2) if math.isfinite(lo) and math.isfinite(hi) else (hi if math.isfinite(hi) else lo)
+    if not t > lo:
+        t = float(torch.nextafter(torch.tensor(lo, dtype=torch.float32), torch.tensor(math.inf)))
+    if t > hi:
+        t = hi
+    return min(t, _F32_MAX)  # inf would close the gate
+
+
 def _need(target: float, n: int) -> int:
     return int(math.ceil(target * n - 1e-9))
 
@@ -224,12 +254,16 @@ class _Searcher:
 
     @staticmethod
     def threshold(s: torch.Tensor, j: int) -> float:
-        """The threshold that lets exactly the ``j`` highest of the sorted scores ``s`` exit."""
+        """The float32 threshold that lets exactly the ``j`` highest of the sorted float32 scores ``s`` exit.
+
+        ``s[j] < t <= s[j - 1]`` holds in float32, where the runtime compares: the float32 nearest
+        the midpoint, or the next float32 above ``s[j]`` when rounding lands on it.
+        """
         if j == 0:
             return INF
         if j == s.numel():
             return -INF
-        return float((s[j - 1] + s[j]) / 2)
+        return between(float(s[j]), float(s[j - 1]))
 
     @staticmethod
     def _valid(s: torch.Tensor) -> torch.Tensor:
@@ -455,7 +489,22 @@ def search(
             best_accuracy=best.accuracy,
             backbone_accuracy=oc.backbone_accuracy,
         )
+    check_promise(oc, point, need)
     return _with_target(point, target)
+
+
+def check_promise(oc: GateOutcomes, point: OperatingPoint, need: int) -> None:
+    """Check with the runtime's arithmetic (float32 scores >= float32 thresholds) that ``point``'s
+    thresholds get at least ``need`` samples right; raise if they do not (a search bug)."""
+    e = oc.exits(point.thresholds)
+    correct = int(oc.all_correct().gather(1, e[:, None]).sum())
+    if correct < need:
+        raise TargetUnreachableError(
+            f"internal error: the thresholds found get {correct} of {oc.num_samples} calibration samples right "
+            f"when compared in float32, {need} were promised; please report this",
+            best_accuracy=correct / max(1, oc.num_samples),
+            backbone_accuracy=oc.backbone_accuracy,
+        )
 
 
 def max_accuracy(oc: GateOutcomes, _path: list[torch.Tensor] | None = None) -> OperatingPoint:

@@ -17,6 +17,7 @@ from conftest import CIFAR, R20, needs_shared
 from dgate_cli.errors import SpecError, TargetUnreachableError
 from dgate_cli.thresholds import (
     GateOutcomes,
+    between,
     OperatingPoint,
     decode_threshold,
     encode_threshold,
@@ -183,23 +184,32 @@ def synthetic_search(G: int, seed: int, drop: float) -> OperatingPoint:
 
 
 def is_cut(oc: GateOutcomes, thresholds: tuple[float, ...], g: int) -> bool:
-    """Gate ``g``'s threshold is +-inf, or the midpoint ``(a + b) / 2`` of two distinct scores of gate
-    ``g`` with no score strictly between them among the samples that reach ``g`` under the earlier
-    thresholds: it never splits equal scores and keeps half a gap from every score it separates.
-    (The pair need not be neighbours among the reaching samples: a sweep of gate ``g`` picks a midpoint
+    """Gate ``g``'s threshold is +-inf, or a float32 ``t`` that :func:`between` places in the gap of
+    two distinct scores ``lo < t <= hi`` of gate ``g`` with no score strictly between them among the
+    samples that reach ``g`` under the earlier thresholds: it never splits equal scores, and compared
+    in float32 (as the runtime compares) it separates exactly what the search meant to separate.
+    (The pair need not be neighbours among the reaching samples: a sweep of gate ``g`` picks a gap
     among the samples reaching it then, and a later move of an earlier gate may take one of them away.)"""
     t = thresholds[g]
     if t in (INF, -INF):
         return True
+    if float(torch.tensor(t, dtype=torch.float64).float()) != t:
+        return False  # not a float32: the runtime would round it
     s = oc.scores[:, g].double()
-    reach = (oc.scores[:, :g].double() < torch.tensor(thresholds[:g], dtype=torch.float64)).all(1)
+    reach = (oc.scores[:, :g] < torch.tensor(thresholds[:g], dtype=torch.float32)).all(1)
     u = torch.unique(s)
-    a = u[u < t]
-    b = 2 * t - a  # exact: scores are float32, their sums and halves are exact in float64
-    pairs = torch.isin(b, u)
-    for lo, hi in zip(a[pairs].tolist(), b[pairs].tolist(), strict=True):
-        if not ((s[reach] > lo) & (s[reach] < hi)).any():
-            return True
+    lows = u[u < t]
+    highs = u[u >= t]
+    if not lows.numel() or not highs.numel():
+        return False
+    for lo in lows.tolist():
+        # between(lo, hi) is the float32 nearest (lo + hi) / 2 (or the next float32 above lo): hi near 2t - lo
+        i = int(torch.searchsorted(highs, torch.tensor(2 * t - lo, dtype=torch.float64)))
+        for hi in highs[max(0, i - 2) : i + 2].tolist() + ([highs[0].item()] if t == float(
+            torch.nextafter(torch.tensor(lo, dtype=torch.float32), torch.tensor(INF))
+        ) else []):  # fmt: skip
+            if between(lo, hi) == t and not ((s[reach] > lo) & (s[reach] < hi)).any():
+                return True
     return False
 
 
