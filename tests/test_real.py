@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CIFAR, R20, R20_GATES, R56, needs_shared
+from conftest import CIFAR, R20, R20_GATES, R56, near_threshold, near_tie, needs_shared
 from typer.testing import CliRunner
 
 import dgate_cli.evaluate
@@ -107,7 +107,10 @@ def test_pipeline_on_real_images(r20_pipeline):
 
 def test_exported_model_reproduces_calibration_on_real_images(r20_pipeline):
     """Invariant: on the calibration images the exported model exits and predicts exactly as the
-    calibration predicted from the cache."""
+    calibration predicted from the cache - every image whose cached score is a margin away from the
+    thresholds it meets (and, for the class, from a tie between two classes); the few within float
+    rounding (the runtime computes the scores on another path) may go either way, and move the
+    accuracy by at most their share."""
     data, run, model_dir, *_ = r20_pipeline
     config, gates, val = read_run(run), read_gates(run), load_split(run, "val")
     calib = read_calibration(run)
@@ -118,6 +121,13 @@ def test_exported_model_reproduces_calibration_on_real_images(r20_pipeline):
     expected = torch.where(exits < G, pred.gather(1, exits.clamp(max=G - 1)[:, None]).squeeze(1), val.logits.argmax(1))
     ev = dgate_cli.evaluate.evaluate(model_dir, str(data["val"]), workers=0)
     order = torch.argsort(ev.samples["index"])
-    assert torch.equal(ev.samples["exit"][order], exits[torch.argsort(val.index)])
-    assert torch.equal(ev.samples["pred"][order], expected[torch.argsort(val.index)])
-    assert ev.accuracy == pytest.approx(calib["chosen"]["accuracy"], abs=1e-12)
+    by_index = torch.argsort(val.index)
+    ties = [near_tie(gates.outputs(n, val.features[n])) for n in calib["gates"]] + [near_tie(val.logits)]
+    ties = torch.stack(ties, 1)
+    undecided = near_threshold(oc.scores, thresholds, exits)[by_index]  # the exit may differ
+    unsure = near_threshold(oc.scores, thresholds, exits, ties)[by_index]  # the exit or the class
+    assert int(unsure.sum()) <= len(unsure) // 10, f"{int(unsure.sum())} of {len(unsure)} images within rounding"
+    assert torch.equal(ev.samples["exit"][order][~undecided], exits[by_index][~undecided])
+    assert torch.equal(ev.samples["pred"][order][~unsure], expected[by_index][~unsure])
+    slack = float(unsure.sum()) / len(unsure)
+    assert ev.accuracy == pytest.approx(calib["chosen"]["accuracy"], abs=slack + 1e-12)
