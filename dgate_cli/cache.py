@@ -163,9 +163,7 @@ def locked(run_dir: str | Path, command: str) -> Iterator[None]:
             except BlockingIOError:
                 f.seek(0)
                 holder = f.read().strip() or "another process"
-                raise BusyError(
-                    f"{d} is in use by {holder}; wait for it to finish, or use another RUN_DIR"
-                ) from None
+                raise BusyError(f"{d} is in use by {holder}; wait for it to finish, or use another RUN_DIR") from None
         f.seek(0)
         f.truncate()
         f.write(f"dgate {command} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")

@@ -99,7 +99,9 @@ def evaluate(
     ds = open_dataset(data, pre)
     classes = model.classes
     if ds.classes != classes:
-        raise DataError(f"{class_difference(str(data), ds.classes, 'the model', classes)}; pass images of the model's classes")
+        raise DataError(
+            f"{class_difference(str(data), ds.classes, 'the model', classes)}; pass images of the model's classes"
+        )
     subset = spread(len(ds), limit)
     n = len(ds) if subset is None else len(subset)
     costs = torch.tensor(model.exit_costs(), dtype=torch.float64)

@@ -18,8 +18,8 @@ from .errors import CacheMismatchError, DataError, SpecError
 from .features import Pooling, PoolingPolicy, layout_of, pool
 from .flops import UNIT, gate_macs, stage_costs
 from .models import Backbone, build_backbone
-from .preprocess import Preprocess
 from .models.staging import run_stages
+from .preprocess import Preprocess
 
 ProgressFn = Callable[[str, int, int], None]
 SHARD_BYTES = 256 << 20
@@ -131,7 +131,9 @@ def _check_classes(datasets: Mapping[str, ImageDataset], num_classes: int, model
     classes = datasets[names[0]].classes
     for name in names[1:]:
         if datasets[name].classes != classes:
-            raise DataError(f"{class_difference(name, datasets[name].classes, names[0], classes)}; every split needs the same class folders")
+            raise DataError(
+                f"{class_difference(name, datasets[name].classes, names[0], classes)}; every split needs the same class folders"
+            )
     if len(classes) != num_classes:
         raise DataError(
             f"{model} predicts {num_classes} classes but the data has {len(classes)} class folders; "
@@ -153,7 +155,9 @@ def class_difference(name: str, theirs: list[str], reference: str, ours: list[st
     if extra or missing:
         parts = []
         if extra:
-            parts.append(f"has classes that {reference} lacks ({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})")
+            parts.append(
+                f"has classes that {reference} lacks ({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})"
+            )
         if missing:
             parts.append(
                 f"lacks some that {reference} has ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})"
@@ -331,7 +335,19 @@ def extract(
         summaries = {}
         for name, ds in datasets.items():
             summaries[name] = _extract_split(
-                run_dir, name, ds, backbone, stages, config, dev, batch_size, workers, channels_last, shard, progress, notes
+                run_dir,
+                name,
+                ds,
+                backbone,
+                stages,
+                config,
+                dev,
+                batch_size,
+                workers,
+                channels_last,
+                shard,
+                progress,
+                notes,
             )
     return ExtractResult(run_dir, config, summaries, describe(dev), time.perf_counter() - t0, notes)
 

@@ -83,7 +83,9 @@ def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
             )
     for key, kind in OPTIONAL.items():
         if key in data and not isinstance(data[key], kind):
-            raise ManifestError(f"{source}: '{key}' has the wrong type ({type(data[key]).__name__}); re-export the model")
+            raise ManifestError(
+                f"{source}: '{key}' has the wrong type ({type(data[key]).__name__}); re-export the model"
+            )
     G = len(data["gates"])
     weights = data["weights"]
     for key in ("file", "sha256"):
@@ -111,12 +113,18 @@ def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
         _check(source, f"gates[{i}].pooling", gate["pooling"], dict)
         _check_list(source, f"gates[{i}].pooling.sizes", gate["pooling"].get("sizes"), int, None, positive=True)
         _check_list(source, f"gates[{i}].pooling.ops", gate["pooling"].get("ops"), str, None)
-        if not gate["pooling"]["sizes"] or not set(gate["pooling"]["ops"]) <= {"avg", "max"} or not gate["pooling"]["ops"]:
+        if (
+            not gate["pooling"]["sizes"]
+            or not set(gate["pooling"]["ops"]) <= {"avg", "max"}
+            or not gate["pooling"]["ops"]
+        ):
             raise ManifestError(f"{source}: gates[{i}].pooling is not a valid pooling; re-export the model")
         _number(source, f"gates[{i}].features", gate["features"], integer=True, positive=True)
         _number(source, f"gates[{i}].cost", gate["cost"])
     if data["score"] not in SCORES:
-        raise ManifestError(f"{source}: score must be one of {', '.join(SCORES)}, got {data['score']!r}; re-export the model")
+        raise ManifestError(
+            f"{source}: score must be one of {', '.join(SCORES)}, got {data['score']!r}; re-export the model"
+        )
     _check(source, "costs.unit", data["costs"].get("unit"), str)
     _check_list(source, "costs.reach", data["costs"].get("reach"), (int, float), G + 1, finite=True)
     _check_list(source, "costs.gates", data["costs"].get("gates"), (int, float), G, finite=True)
@@ -140,7 +148,9 @@ def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
         if not isinstance(point, dict) or not isinstance(point.get("thresholds"), list):
             raise ManifestError(f"{source}: {where} is not an operating point; re-export the model")
         if len(point["thresholds"]) != G:
-            raise ManifestError(f"{source}: {where} has {len(point['thresholds'])} thresholds for {G} gates; re-export the model")
+            raise ManifestError(
+                f"{source}: {where} has {len(point['thresholds'])} thresholds for {G} gates; re-export the model"
+            )
         for j, t in enumerate(point["thresholds"]):
             _threshold(source, f"{where}.thresholds[{j}]", t)
         for key in ("accuracy", "mean_cost", "cost_ratio"):
@@ -160,7 +170,9 @@ def _threshold(source: str, name: str, t: Any) -> None:
 def _number(source: str, name: str, value: Any, integer: bool = False, positive: bool = False) -> None:
     kind = int if integer else (int, float)
     if not isinstance(value, kind) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise ManifestError(f"{source}: '{name}' must be a finite non-negative number, got {value!r}; re-export the model")
+        raise ManifestError(
+            f"{source}: '{name}' must be a finite non-negative number, got {value!r}; re-export the model"
+        )
     if positive and value <= 0:
         raise ManifestError(f"{source}: '{name}' must be positive, got {value!r}; re-export the model")
 

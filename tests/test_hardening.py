@@ -3,6 +3,7 @@ lost, nothing stale is reused, and no file is half-written."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,7 +21,8 @@ from typer.testing import CliRunner
 
 import dgate_cli
 from dgate_cli import bench as bench_lib
-from dgate_cli import cache, demo, extract as extract_lib, manifest
+from dgate_cli import cache, demo, manifest
+from dgate_cli import extract as extract_lib
 from dgate_cli.calibrate import calibrate, read_calibration
 from dgate_cli.cli.app import app
 from dgate_cli.errors import BusyError, CacheMismatchError, ManifestError, NotFittedError, TargetUnreachableError
@@ -192,7 +194,12 @@ def tiny_gated() -> GatedModel:
 
 @pytest.mark.parametrize(
     ("bad", "message"),
-    [([1.0, 2.0], "expected 1 thresholds"), ([math.nan], "not NaN"), (["x"], "numbers, 'inf' or None"), (3.0, "a list of 1")],
+    [
+        ([1.0, 2.0], "expected 1 thresholds"),
+        ([math.nan], "not NaN"),
+        (["x"], "numbers, 'inf' or None"),
+        (3.0, "a list of 1"),
+    ],
 )
 def test_assigned_thresholds_are_checked_like_set_thresholds(bad, message):
     model = tiny_gated()
@@ -261,7 +268,9 @@ def test_two_processes_cannot_extract_into_one_run_directory(data, weights, tmp_
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(BusyError, match=rf"in use by dgate extract \(pid {holder.pid}, since .*\); wait for it"):
-            extract(run, "demo_cnn", {"train": str(data["train"]), "val": str(data["val"])}, weights=str(weights), workers=0)
+            extract(
+                run, "demo_cnn", {"train": str(data["train"]), "val": str(data["val"])}, weights=str(weights), workers=0
+            )
         err = one_line_error(invoke(*run_args(run, data, weights)))
         assert f"pid {holder.pid}" in err
         assert not (run / "run.json").exists() and not (run / "cache").exists()
@@ -269,7 +278,9 @@ def test_two_processes_cannot_extract_into_one_run_directory(data, weights, tmp_
         holder.kill()
         holder.wait()
     # the lock dies with its process
-    result = extract(run, "demo_cnn", {"train": str(data["train"]), "val": str(data["val"])}, weights=str(weights), workers=0)
+    result = extract(
+        run, "demo_cnn", {"train": str(data["train"]), "val": str(data["val"])}, weights=str(weights), workers=0
+    )
     assert result.splits["train"].images == SIZES["train"]
 
 
@@ -286,7 +297,9 @@ def test_flipped_bytes_in_a_shard_are_detected_and_rebuilt(calibrated, data, wei
     run = copy_run(calibrated, tmp_path)
     shard = sorted((run / "cache" / "train").glob("shard-*.safetensors"))[1]
     flip_bytes(shard)
-    with pytest.raises(CacheMismatchError, match=rf"train cache of .* is damaged \({shard.name} does not match its checksum"):
+    with pytest.raises(
+        CacheMismatchError, match=rf"train cache of .* is damaged \({shard.name} does not match its checksum"
+    ):
         cache.load_split(run, "train")
     err = one_line_error(invoke("fit", run))
     assert "does not match its checksum" in err and "dgate extract" in err
@@ -360,10 +373,9 @@ def edit_manifest(d: Path, edit, reseal: bool = True) -> None:
     path = d / manifest.MANIFEST
     m = json.loads(path.read_text())
     edit(m)
-    try:
-        m = manifest.seal(m) if reseal else m
-    except ValueError:  # NaN: no canonical JSON to hash; written as Python writes it
-        pass
+    if reseal:
+        with contextlib.suppress(ValueError):  # NaN: no canonical JSON to hash; written as Python writes it
+            m = manifest.seal(m)
     path.write_text(json.dumps(m))
 
 
@@ -371,7 +383,10 @@ def edit_manifest(d: Path, edit, reseal: bool = True) -> None:
     ("edit", "message"),
     [
         (lambda m: m["thresholds"].__setitem__(0, float("nan")), "is corrupt (NaN is not valid JSON)"),
-        (lambda m: m["weights"].__setitem__("file", "../outside.safetensors"), "is not a file name inside the model directory"),
+        (
+            lambda m: m["weights"].__setitem__("file", "../outside.safetensors"),
+            "is not a file name inside the model directory",
+        ),
         (lambda m: m.__setitem__("classes", [1, 2]), "'classes' is missing or has entries of the wrong type"),
         (lambda m: m.__setitem__("classes", ["a", "a"]), "distinct names"),
         (lambda m: m.__setitem__("score", "vibes"), "score must be one of"),
@@ -435,8 +450,20 @@ def test_a_class_mismatch_names_the_classes_that_differ(data, weights, tmp_path)
     classes = sorted(p.name for p in val.iterdir())
     (val / classes[-1]).rename(val / "zebra")
     err = one_line_error(
-        invoke("extract", tmp_path / "run", "--model", "demo_cnn", "--weights", weights, "--train", data["train"],
-               "--val", val, "--workers", "0")  # fmt: skip
+        invoke(
+            "extract",
+            tmp_path / "run",
+            "--model",
+            "demo_cnn",
+            "--weights",
+            weights,
+            "--train",
+            data["train"],
+            "--val",
+            val,
+            "--workers",
+            "0",
+        )  # fmt: skip
     )
     assert f"the val data has classes that train lacks (zebra) and lacks some that train has ({classes[-1]})" in err
 
@@ -462,8 +489,17 @@ def test_every_json_output_is_strict_json(calibrated, exported, data, weights, t
         "export": invoke("export", run, "--out", tmp_path / "m", "--json"),
         "evaluate": invoke("evaluate", exported, "--data", data["test"], "--workers", "0", "--json"),
         "bench": invoke(
-            "bench", exported, "--data", data["test"], "--images", "8", "--batch-size", "4",
-            "--thresholds", ",".join(["-inf"] + ["inf"] * 4), "--json",
+            "bench",
+            exported,
+            "--data",
+            data["test"],
+            "--images",
+            "8",
+            "--batch-size",
+            "4",
+            "--thresholds",
+            ",".join(["-inf"] + ["inf"] * 4),
+            "--json",
         ),  # fmt: skip
         "stages": invoke("stages", "demo_cnn", "--json"),
         "models": invoke("models", "--json"),
@@ -509,7 +545,9 @@ extract(run, "demo_cnn", {"train": train, "val": val}, weights=weights, workers=
 """
 
 
-def test_kill_9_during_extract_then_rerun_gives_the_same_cache_gates_and_thresholds(calibrated, data, weights, tmp_path):
+def test_kill_9_during_extract_then_rerun_gives_the_same_cache_gates_and_thresholds(
+    calibrated, data, weights, tmp_path
+):
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-c", KILL_SCRIPT, str(run), str(data["train"]), str(data["val"]), str(weights)],
@@ -526,7 +564,9 @@ def test_kill_9_during_extract_then_rerun_gives_the_same_cache_gates_and_thresho
         proc.wait()
     assert not cache.read_index(run, "train").complete
     splits = {"train": str(data["train"]), "val": str(data["val"])}
-    result = extract(run, "demo_cnn", splits, weights=str(weights), workers=0, batch_size=50, device="cpu", shard_size=32)
+    result = extract(
+        run, "demo_cnn", splits, weights=str(weights), workers=0, batch_size=50, device="cpu", shard_size=32
+    )
     assert result.splits["train"].resumed_from >= 32
     for split in splits:
         a, b = cache.load_split(run, split), cache.load_split(calibrated, split)

@@ -97,7 +97,9 @@ def copy_of(src: Path, tmp_path: Path) -> Path:
 def test_a_factory_in_a_manifest_runs_only_when_trusted(exported, modules, tmp_path):
     _, model_dir, data = exported
     sys.modules.pop("dgate_sec_factory", None)
-    with pytest.raises(UntrustedCodeError, match=r"dgate\.json names the model factory 'dgate_sec_factory:make'.*--trust-code"):
+    with pytest.raises(
+        UntrustedCodeError, match=r"dgate\.json names the model factory 'dgate_sec_factory:make'.*--trust-code"
+    ):
         dgate_cli.load(model_dir)
     assert "dgate_sec_factory" not in sys.modules  # not even imported
     model = dgate_cli.load(model_dir, trust_code=True)

@@ -17,8 +17,8 @@ from conftest import CIFAR, R20, needs_shared
 from dgate_cli.errors import SpecError, TargetUnreachableError
 from dgate_cli.thresholds import (
     GateOutcomes,
-    between,
     OperatingPoint,
+    between,
     decode_threshold,
     encode_threshold,
     frontier,
