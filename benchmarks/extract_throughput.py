@@ -19,9 +19,10 @@ import torch
 from _common import CHECKPOINTS, emit
 
 from dgate_cli._device import describe, resolve_device
-from dgate_cli.data import iterate, make_loader, open_dataset
-from dgate_cli.extract import extract
-from dgate_cli.models import build_backbone
+from dgate_cli.data.datasets import open_dataset
+from dgate_cli.data.loader import iterate, make_loader
+from dgate_cli.models.backbone import build_backbone
+from dgate_cli.pipeline.extract import extract
 
 
 def bare_loop(

@@ -38,20 +38,15 @@ import torch
 from _common import emit
 
 from dgate_cli import cache
-from dgate_cli.calibrate import DEFAULT_RESERVE, outcomes, reach_costs
 from dgate_cli.errors import TargetUnreachableError
-from dgate_cli.fit import read_gates
-from dgate_cli.flops import gate_macs
-from dgate_cli.gates import DEFAULT_C_GRID, LinearGate, choose_C, gate_scores
-from dgate_cli.thresholds import (
-    GateOutcomes,
-    OperatingPoint,
-    lagrangian_path,
-    search,
-    search_confident,
-    search_reserved,
-    subset,
-)
+from dgate_cli.gates.linear import DEFAULT_C_GRID, LinearGate, choose_C
+from dgate_cli.gates.scores import gate_scores
+from dgate_cli.models.flops import gate_macs
+from dgate_cli.pipeline.calibrate import DEFAULT_RESERVE, outcomes, reach_costs
+from dgate_cli.pipeline.fit import read_gates
+from dgate_cli.thresholds.guarantees import search_confident, search_reserved
+from dgate_cli.thresholds.outcomes import GateOutcomes, OperatingPoint, subset
+from dgate_cli.thresholds.search import lagrangian_path, search
 
 DROPS = (0.002, 0.005, 0.01, 0.02)
 PLOT_DROPS = (0.0, 0.03)

@@ -18,8 +18,9 @@ import warnings
 import torch
 from _common import emit
 
-from dgate_cli.cache import load_split, read_run
-from dgate_cli.gates import LinearGate
+from dgate_cli.cache.run import read_run
+from dgate_cli.cache.shards import load_split
+from dgate_cli.gates.linear import LinearGate
 
 
 def objective(W: torch.Tensor, b: torch.Tensor, Xs: torch.Tensor, y: torch.Tensor, C: float) -> float:

@@ -32,10 +32,11 @@ import torch
 from _common import CIFAR, emit, require_shared
 
 from dgate_cli import GatedModel, load, tune_malloc
-from dgate_cli.bench import bench
-from dgate_cli.cpu_fusion import FusedConv2d
-from dgate_cli.data import iterate, make_loader, open_dataset, spread
-from dgate_cli.preprocess import Preprocess
+from dgate_cli.data.datasets import open_dataset
+from dgate_cli.data.loader import iterate, make_loader, spread
+from dgate_cli.data.preprocess import Preprocess
+from dgate_cli.evaluation.bench import bench
+from dgate_cli.runtime.backends.cpu_fusion import FusedConv2d
 
 
 class PackedFusedConv2d(FusedConv2d):
@@ -52,7 +53,7 @@ class PackedFusedConv2d(FusedConv2d):
 
 def _load(model: str, variant: str) -> GatedModel:
     if variant == "unfused":  # dgate before cpu_fusion: BatchNorm folded, pointwise ops on their own
-        with mock.patch("dgate_cli.export.fuse_pointwise", lambda stage: stage):
+        with mock.patch("dgate_cli.runtime.loading.fuse_pointwise", lambda stage: stage):
             return load(model)
     m = load(model)
     if variant == "packed":

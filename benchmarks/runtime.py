@@ -33,11 +33,12 @@ import torch
 from _common import CIFAR, REPO, emit, require_shared
 
 from dgate_cli import __version__
-from dgate_cli.data import iterate, make_loader, open_dataset, spread
-from dgate_cli.export import write_export
-from dgate_cli.extract import describe_run
-from dgate_cli.features import PoolingPolicy, pool
-from dgate_cli.models import build_backbone
+from dgate_cli.data.datasets import open_dataset
+from dgate_cli.data.loader import iterate, make_loader, spread
+from dgate_cli.gates.pooling import PoolingPolicy, pool
+from dgate_cli.models.backbone import build_backbone
+from dgate_cli.pipeline.export import write_export
+from dgate_cli.pipeline.extract import describe_run
 
 
 def make_resnet50_export(

@@ -7,9 +7,9 @@ Example:
     >>> out.pred, out.exit  # doctest: +SKIP
 """
 
-from ._malloc import tune_malloc
 from ._version import __version__
-from .export import load
-from .runtime import GatedModel, GatedOutput
+from .runtime.backends.malloc import tune_malloc
+from .runtime.loading import load
+from .runtime.model import GatedModel, GatedOutput
 
 __all__ = ["GatedModel", "GatedOutput", "__version__", "load", "tune_malloc"]

@@ -10,8 +10,9 @@ import sys
 import torch
 
 import dgate_cli
-from dgate_cli.data import iterate, make_loader, open_dataset, spread
-from dgate_cli.preprocess import Preprocess
+from dgate_cli.data.datasets import open_dataset
+from dgate_cli.data.loader import iterate, make_loader, spread
+from dgate_cli.data.preprocess import Preprocess
 
 
 def main(model_dir: str, images: str) -> None:

@@ -148,7 +148,7 @@ def near_threshold(scores: torch.Tensor, thresholds, exits: torch.Tensor, ties: 
 def gate_scores_of(model, x: torch.Tensor) -> torch.Tensor:
     """``(N, G)`` every sample's exit score at every gate of a ``GatedModel``, all samples run through
     every stage (none leaves), as the model scores them."""
-    from dgate_cli.gates import gate_scores
+    from dgate_cli.gates.scores import gate_scores
 
     with torch.inference_mode():
         h = x.contiguous(memory_format=torch.channels_last) if model.channels_last and x.dim() == 4 else x

@@ -13,10 +13,11 @@ from conftest import DEMO_GATES, R20_GATES
 from PIL import Image
 from safetensors.torch import save_file
 
-from dgate_cli import _io, cache, demo
+from dgate_cli import _io, cache
 from dgate_cli.errors import CacheMismatchError
-from dgate_cli.extract import extract
-from dgate_cli.features import Pooling
+from dgate_cli.gates.pooling import Pooling
+from dgate_cli.pipeline import demo
+from dgate_cli.pipeline.extract import extract
 
 SHARD = 64
 BATCH = 32

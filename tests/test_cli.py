@@ -13,13 +13,15 @@ from conftest import DEMO_GATES, R20_GATES, near_threshold, near_tie
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from dgate_cli import cache, demo
-from dgate_cli.calibrate import outcomes
+from dgate_cli import cache
 from dgate_cli.cli.app import app
-from dgate_cli.data import open_dataset
+from dgate_cli.data.datasets import open_dataset
 from dgate_cli.errors import DgateError, MissingFileError
-from dgate_cli.fit import FitResult, read_gates
-from dgate_cli.models import build_backbone, cifar_resnet
+from dgate_cli.models import cifar_resnet
+from dgate_cli.models.backbone import build_backbone
+from dgate_cli.pipeline import demo
+from dgate_cli.pipeline.calibrate import outcomes
+from dgate_cli.pipeline.fit import FitResult, read_gates
 
 # COLUMNS: rich must not wrap long lines; DGATE_DEBUG unset so errors go through the funnel.
 ENV = {"COLUMNS": "400", "DGATE_DEBUG": None}

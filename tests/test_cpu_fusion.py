@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dgate_cli import cpu_fusion
-from dgate_cli.cpu_fusion import FusedConv2d, fuse_pointwise
+from dgate_cli.runtime.backends import cpu_fusion
+from dgate_cli.runtime.backends.cpu_fusion import FusedConv2d, fuse_pointwise
 
 pytestmark = pytest.mark.skipif(not cpu_fusion.available(), reason="this PyTorch has no oneDNN fused convolution op")
 

@@ -11,9 +11,9 @@ import torch
 from conftest import assert_same_decisions
 from test_runtime import device_path, every_exit, make_model, midway, reference_outputs, scores_at_gates
 
-from dgate_cli.cudagraphs import GraphRunner, bucket_for, buckets
-from dgate_cli.features import Pooling
-from dgate_cli.runtime import GatedOutput
+from dgate_cli.gates.pooling import Pooling
+from dgate_cli.runtime.backends.cudagraphs import GraphRunner, bucket_for, buckets
+from dgate_cli.runtime.model import GatedOutput
 
 
 def test_buckets_are_steps_of_an_eighth_of_the_batch_and_powers_of_two_below():

@@ -18,9 +18,10 @@ import torch
 from conftest import write_image_folder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from dgate_cli.data import Cifar10Dataset, DataSpec, FolderDataset, _collate, iterate, make_loader, open_dataset
+from dgate_cli.data.datasets import Cifar10Dataset, DataSpec, FolderDataset, open_dataset
+from dgate_cli.data.loader import _collate, iterate, make_loader
+from dgate_cli.data.preprocess import Preprocess
 from dgate_cli.errors import DataError, MissingFileError
-from dgate_cli.preprocess import Preprocess
 
 needs_symlinks = pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="needs POSIX symlinks")
 

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 from dgate_cli.cli.app import app
 from dgate_cli.errors import DataError, SpecError
-from dgate_cli.models import build_backbone
-from dgate_cli.models.registry import END_FRACTION, GENERIC, CutCost, excluded_because, spread_by_cost
+from dgate_cli.models.backbone import build_backbone
+from dgate_cli.models.families import END_FRACTION, GENERIC, CutCost, excluded_because, spread_by_cost
 from dgate_cli.models.staging import run_stages
-from dgate_cli.stages import list_stages
+from dgate_cli.pipeline.stages import list_stages
 
 TORCH_THREADS = 1  # batch-1 passes of tiny tensors: two threads spin-wait on a busy two-core machine
 

@@ -14,20 +14,14 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from dgate_cli.data import (
-    DataSpec,
-    FolderDataset,
-    iterate,
-    make_loader,
-    open_dataset,
-    parse_data_spec,
-)
+from dgate_cli.data.datasets import DataSpec, FolderDataset, open_dataset, parse_data_spec
+from dgate_cli.data.loader import iterate, make_loader
+from dgate_cli.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, from_torchvision_weights
 from dgate_cli.errors import DataError, DgateError, MissingFileError, SpecError
-from dgate_cli.features import Pooling, layout_of, pool
-from dgate_cli.flops import StageCost, count_aten, count_thop, gate_macs, human, stage_costs
-from dgate_cli.models import build_backbone
+from dgate_cli.gates.pooling import Pooling, layout_of, pool
+from dgate_cli.models.backbone import build_backbone
+from dgate_cli.models.flops import StageCost, count_aten, count_thop, gate_macs, human, stage_costs
 from dgate_cli.models.staging import StageGraph
-from dgate_cli.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, from_torchvision_weights
 
 # == features ==========================================================================================
 

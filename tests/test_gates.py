@@ -16,7 +16,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from dgate_cli.errors import DgateError, NotFittedError, SpecError
-from dgate_cli.gates import DEFAULT_C_GRID, LinearGate, choose_C, gate_scores, holdout_split
+from dgate_cli.gates.linear import DEFAULT_C_GRID, LinearGate, choose_C, holdout_split
+from dgate_cli.gates.scores import gate_scores
 
 TORCH_THREADS = 1  # tiny models and many small tensor ops (see conftest._threads)
 

@@ -20,17 +20,20 @@ from torch import nn
 from typer.testing import CliRunner
 
 import dgate_cli
-from dgate_cli import bench as bench_lib
-from dgate_cli import cache, demo, manifest
-from dgate_cli import extract as extract_lib
-from dgate_cli.calibrate import calibrate, read_calibration
+from dgate_cli import cache
 from dgate_cli.cli.app import app
 from dgate_cli.errors import BusyError, CacheMismatchError, ManifestError, NotFittedError, TargetUnreachableError
-from dgate_cli.export import export
-from dgate_cli.extract import extract
-from dgate_cli.fit import fit, read_gates
-from dgate_cli.runtime import GatedModel
-from dgate_cli.thresholds import GateOutcomes, search
+from dgate_cli.evaluation import bench as bench_lib
+from dgate_cli.pipeline import demo
+from dgate_cli.pipeline import extract as extract_lib
+from dgate_cli.pipeline.calibrate import calibrate, read_calibration
+from dgate_cli.pipeline.export import export
+from dgate_cli.pipeline.extract import extract
+from dgate_cli.pipeline.fit import fit, read_gates
+from dgate_cli.runtime import manifest
+from dgate_cli.runtime.model import GatedModel
+from dgate_cli.thresholds.outcomes import GateOutcomes
+from dgate_cli.thresholds.search import search
 
 TORCH_THREADS = 1
 ENV = {"COLUMNS": "400", "DGATE_DEBUG": None}
@@ -185,7 +188,7 @@ def test_thresholds_calibrated_on_other_images_are_refused(calibrated, data, wei
 
 
 def tiny_gated() -> GatedModel:
-    from dgate_cli.features import Pooling
+    from dgate_cli.gates.pooling import Pooling
 
     torch.manual_seed(0)
     stages = [nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))]
@@ -534,7 +537,7 @@ def test_bench_measures_accuracy_at_each_rows_batch_size(exported, data, monkeyp
 
 KILL_SCRIPT = """
 import sys, time
-from dgate_cli.extract import extract
+from dgate_cli.pipeline.extract import extract
 run, train, val, weights = sys.argv[1:5]
 def slow(split, done, total):
     if split == "train" and done >= 64:

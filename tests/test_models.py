@@ -11,18 +11,13 @@ import torch
 from conftest import R20_GATES
 from torch import nn
 
+from dgate_cli.data.preprocess import Preprocess
 from dgate_cli.errors import DgateError, SpecError
-from dgate_cli.models import (
-    CIFAR_PREPROCESS,
-    ModelSpec,
-    build_backbone,
-    list_builtin_models,
-    parse_model_spec,
-)
+from dgate_cli.models.backbone import CIFAR_PREPROCESS, build_backbone
 from dgate_cli.models.cifar_resnet import DEPTHS, CifarResNet, OptionAShortcut, cifar_resnet
-from dgate_cli.models.registry import GENERIC, Family, register
+from dgate_cli.models.families import GENERIC, Family, register
+from dgate_cli.models.specs import ModelSpec, list_builtin_models, parse_model_spec
 from dgate_cli.models.staging import run_stages
-from dgate_cli.preprocess import Preprocess
 
 FACTORY_SOURCE = textwrap.dedent(
     """

@@ -26,18 +26,22 @@ from conftest import (
 from safetensors import safe_open
 
 import dgate_cli
-from dgate_cli import _io, cache, cpu_fusion, demo, manifest
-from dgate_cli.calibrate import CalibrationResult, calibrate, outcomes
-from dgate_cli.data import open_dataset, spread
+from dgate_cli import _io, cache
+from dgate_cli.data.datasets import open_dataset
+from dgate_cli.data.loader import spread
+from dgate_cli.data.preprocess import Preprocess
 from dgate_cli.errors import CacheMismatchError, ManifestError, SpecError
-from dgate_cli.evaluate import EvaluateResult, evaluate
-from dgate_cli.export import export
-from dgate_cli.extract import ExtractResult, extract
-from dgate_cli.features import Pooling
-from dgate_cli.fit import fit, read_gates
-from dgate_cli.preprocess import Preprocess
-from dgate_cli.runtime import GatedModel
-from dgate_cli.thresholds import GateOutcomes
+from dgate_cli.evaluation.evaluate import EvaluateResult, evaluate
+from dgate_cli.gates.pooling import Pooling
+from dgate_cli.pipeline import demo
+from dgate_cli.pipeline.calibrate import CalibrationResult, calibrate, outcomes
+from dgate_cli.pipeline.export import export
+from dgate_cli.pipeline.extract import ExtractResult, extract
+from dgate_cli.pipeline.fit import fit, read_gates
+from dgate_cli.runtime import manifest
+from dgate_cli.runtime.backends import cpu_fusion
+from dgate_cli.runtime.model import GatedModel
+from dgate_cli.thresholds.outcomes import GateOutcomes
 
 SIZES = {"train": 1500, "val": 500, "test": 300}
 MAX_DROP = 0.02
@@ -362,7 +366,7 @@ def test_cpu_load_fuses_conv_relu_with_the_same_results(pipe: Pipeline, val_imag
     # the demo CNN: the stem conv -> relu, and in each of 6 blocks conv1 -> relu and conv2 -> add -> relu
     assert len(fused) == (13 if cpu_fusion.available() else 0)
     assert sum(m.add for m in fused) == (6 if cpu_fusion.available() else 0)
-    monkeypatch.setattr("dgate_cli.export.fuse_pointwise", lambda stage: stage)
+    monkeypatch.setattr("dgate_cli.runtime.loading.fuse_pointwise", lambda stage: stage)
     plain = dgate_cli.load(pipe.export_dir)
     plain.set_thresholds(model.thresholds)
     assert not any(isinstance(m, cpu_fusion.FusedConv2d) for m in plain.stages.modules())
@@ -545,7 +549,7 @@ def test_a_failed_export_leaves_nothing_behind(pipe: Pipeline, tmp_path: Path, m
     def broken(data, source="dgate.json"):
         raise ManifestError("simulated failure after the weights were written")
 
-    monkeypatch.setattr("dgate_cli.export.manifest.validate", broken)
+    monkeypatch.setattr("dgate_cli.pipeline.export.manifest.validate", broken)
     out = tmp_path / "fresh"
     with pytest.raises(ManifestError, match="simulated"):
         export(pipe.run, out)

@@ -8,16 +8,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dgate_cli.evaluation.evaluate
 import pytest
 import torch
 from conftest import CIFAR, R20, R20_GATES, R56, near_threshold, near_tie, needs_shared
 from typer.testing import CliRunner
 
-import dgate_cli.evaluate
-from dgate_cli.cache import load_split, read_run
-from dgate_cli.calibrate import outcomes, read_calibration
+from dgate_cli.cache.run import read_run
+from dgate_cli.cache.shards import load_split
 from dgate_cli.cli.app import app
-from dgate_cli.fit import read_gates
+from dgate_cli.pipeline.calibrate import outcomes, read_calibration
+from dgate_cli.pipeline.fit import read_gates
 
 pytestmark = [needs_shared, pytest.mark.shared_data, pytest.mark.slow]
 ENV = {"COLUMNS": "400", "DGATE_DEBUG": None}
@@ -119,7 +120,7 @@ def test_exported_model_reproduces_calibration_on_real_images(r20_pipeline):
     exits = oc.exits(thresholds)
     G = len(calib["gates"])
     expected = torch.where(exits < G, pred.gather(1, exits.clamp(max=G - 1)[:, None]).squeeze(1), val.logits.argmax(1))
-    ev = dgate_cli.evaluate.evaluate(model_dir, str(data["val"]), workers=0)
+    ev = dgate_cli.evaluation.evaluate.evaluate(model_dir, str(data["val"]), workers=0)
     order = torch.argsort(ev.samples["index"])
     by_index = torch.argsort(val.index)
     ties = [near_tie(gates.outputs(n, val.features[n])) for n in calib["gates"]] + [near_tie(val.logits)]

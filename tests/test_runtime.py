@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from conftest import assert_same_decisions, cascade_thresholds, near_tie, robust_cut
 from torch import nn
 
-from dgate_cli import _malloc, _native, runtime
-from dgate_cli import bench as bench_module
-from dgate_cli.bench import bench
-from dgate_cli.features import Pooling, pool
-from dgate_cli.gates import gate_scores
-from dgate_cli.runtime import _HOST_SCORES, _LIST_SCORES, GatedModel, GatedOutput, _f32
+from dgate_cli.evaluation import bench as bench_module
+from dgate_cli.evaluation.bench import bench
+from dgate_cli.gates.pooling import Pooling, pool
+from dgate_cli.gates.scores import gate_scores
+from dgate_cli.runtime import model as runtime
+from dgate_cli.runtime.backends import gate_kernel as _native
+from dgate_cli.runtime.backends import malloc as _malloc
+from dgate_cli.runtime.model import _HOST_SCORES, _LIST_SCORES, GatedModel, GatedOutput, _f32
 
 TORCH_THREADS = 1  # see conftest._threads
 K = 5
@@ -539,7 +541,7 @@ def glibc_version() -> str | None:
 
 
 def test_switching_points_keeps_gates_closed_that_the_overhead_pricing_closed():
-    from dgate_cli.thresholds import OperatingPoint
+    from dgate_cli.thresholds.outcomes import OperatingPoint
 
     one = OperatingPoint((1.0, math.inf), 0.90, 156.0, 156.0 / 210, (0.5, 0.0, 0.5), target=0.89)
     two = OperatingPoint((1.0, 2.0), 0.90, 155.5, 155.5 / 210, (0.5, 0.1, 0.4), target=0.89)

@@ -17,21 +17,23 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import dgate_cli
-from dgate_cli import cache, demo, manifest
-from dgate_cli.calibrate import calibrate
+from dgate_cli import cache
 from dgate_cli.cli.app import app
 from dgate_cli.errors import SpecError, UntrustedCodeError
-from dgate_cli.export import export
-from dgate_cli.extract import extract
-from dgate_cli.fit import fit
-from dgate_cli.models import build_backbone
+from dgate_cli.models.backbone import build_backbone
+from dgate_cli.pipeline import demo
+from dgate_cli.pipeline.calibrate import calibrate
+from dgate_cli.pipeline.export import export
+from dgate_cli.pipeline.extract import extract
+from dgate_cli.pipeline.fit import fit
+from dgate_cli.runtime import manifest
 
 TORCH_THREADS = 1
 ENV = {"COLUMNS": "400", "DGATE_DEBUG": None}
 
 FACTORY = """
 import pathlib
-from dgate_cli.demo import demo_cnn
+from dgate_cli.models.demo_cnn import demo_cnn
 CALLS = []
 def make():
     CALLS.append(1)

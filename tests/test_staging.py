@@ -11,9 +11,9 @@ from conftest import CIFAR, R20, needs_shared, test_threads
 from torch import nn
 
 from dgate_cli.errors import SpecError
-from dgate_cli.features import Pooling, layout_of, pool
-from dgate_cli.models import build_backbone
-from dgate_cli.models.registry import FAMILIES, GENERIC, family_of
+from dgate_cli.gates.pooling import Pooling, layout_of, pool
+from dgate_cli.models.backbone import build_backbone
+from dgate_cli.models.families import FAMILIES, GENERIC, family_of
 from dgate_cli.models.staging import StageGraph, run_stages
 
 # One representative per registered family: (spec, model_kwargs, input size in px).
@@ -62,7 +62,8 @@ def test_every_registered_family_has_a_representative():
 
 def test_every_registered_module_type_is_exercised():
     """A family covering several classes (MobileNetV2 and V3) gets a model of each class."""
-    from dgate_cli.models import _instantiate, parse_model_spec
+    from dgate_cli.models.backbone import _instantiate
+    from dgate_cli.models.specs import parse_model_spec
 
     for family in FAMILIES:
         if len(family.types) < 2:
@@ -420,7 +421,8 @@ def test_run_stages_outputs_are_not_overwritten_by_in_place_ops(r18):
 @needs_shared
 @pytest.mark.shared_data
 def test_cifar_resnet20_staged_equals_model_on_real_images():
-    from dgate_cli.data import iterate, make_loader, open_dataset
+    from dgate_cli.data.datasets import open_dataset
+    from dgate_cli.data.loader import iterate, make_loader
 
     bb = build_backbone("cifar_resnet20", weights=str(R20))
     ds = open_dataset(str(CIFAR / "val"), bb.preprocess)

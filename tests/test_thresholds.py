@@ -15,20 +15,17 @@ import torch
 from conftest import CIFAR, R20, needs_shared
 
 from dgate_cli.errors import SpecError, TargetUnreachableError
-from dgate_cli.thresholds import (
+from dgate_cli.thresholds.frontier import frontier
+from dgate_cli.thresholds.guarantees import search_confident, search_reserved
+from dgate_cli.thresholds.outcomes import (
     GateOutcomes,
     OperatingPoint,
     between,
     decode_threshold,
     encode_threshold,
-    frontier,
-    max_accuracy,
-    search,
-    search_confident,
-    search_reserved,
-    sequential,
     subset,
 )
+from dgate_cli.thresholds.search import max_accuracy, search, sequential
 
 INF = math.inf
 DROPS = (0.0, 0.005, 0.01, 0.02, 0.05)
@@ -579,9 +576,9 @@ def real_outcomes(tmp_path_factory) -> GateOutcomes:
     """Gates fitted on 500 CIFAR 'val' images, outcomes (max score) on 1500 'test' images, built as
     ``dgate calibrate`` builds them."""
     from dgate_cli import cache
-    from dgate_cli.calibrate import outcomes
-    from dgate_cli.extract import extract
-    from dgate_cli.fit import fit, read_gates
+    from dgate_cli.pipeline.calibrate import outcomes
+    from dgate_cli.pipeline.extract import extract
+    from dgate_cli.pipeline.fit import fit, read_gates
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

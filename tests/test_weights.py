@@ -11,7 +11,8 @@ import torchvision
 from safetensors.torch import save_file
 
 from dgate_cli.errors import DgateError, MissingFileError, WeightsError
-from dgate_cli.models import build_backbone, cifar_resnet
+from dgate_cli.models import cifar_resnet
+from dgate_cli.models.backbone import build_backbone
 from dgate_cli.models.weights import load_into, read_state_dict
 
 UNPICKLED: list[str] = []

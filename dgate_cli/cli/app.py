@@ -9,8 +9,8 @@ from typing import Any
 
 import typer
 
-from .._malloc import tune_malloc_from_env
 from ..errors import DgateError
+from ..runtime.backends.malloc import tune_malloc_from_env
 from ._output import err, fail
 
 app = typer.Typer(

@@ -10,10 +10,11 @@ import typer
 from rich.table import Table
 
 from .._device import resolve_device, resolve_dtype
-from ..bench import bench
-from ..data import iterate, make_loader, open_dataset, spread
-from ..export import load
-from ..preprocess import Preprocess
+from ..data.datasets import open_dataset
+from ..data.loader import iterate, make_loader, spread
+from ..data.preprocess import Preprocess
+from ..evaluation.bench import bench
+from ..runtime.loading import load
 from . import _options as o
 from ._output import fail, out, pct, print_json, progress
 

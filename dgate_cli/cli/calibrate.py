@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..calibrate import CalibrationResult, calibrate
-from ..flops import human
-from ..plot import check_plot_path, plot_frontiers
+from ..evaluation.plot import check_plot_path, plot_frontiers
+from ..models.flops import human
+from ..pipeline.calibrate import CalibrationResult, calibrate
 from . import _options as o
 from ._output import out, pct, print_json, warn
 

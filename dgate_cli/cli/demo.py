@@ -9,13 +9,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import demo as demo_lib
-from ..calibrate import calibrate
-from ..evaluate import evaluate
-from ..export import export
-from ..extract import extract
-from ..fit import fit
-from ..flops import human
+from ..evaluation.evaluate import evaluate
+from ..models.flops import human
+from ..pipeline import demo as demo_lib
+from ..pipeline.calibrate import calibrate
+from ..pipeline.export import export
+from ..pipeline.extract import extract
+from ..pipeline.fit import fit
 from . import _options as o
 from ._output import err, out, pct, print_json, progress
 from .calibrate import render as render_calibration

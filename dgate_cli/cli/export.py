@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..evaluate import evaluate
-from ..export import export
-from ..flops import human
+from ..evaluation.evaluate import evaluate
+from ..models.flops import human
+from ..pipeline.export import export
 from . import _options as o
 from ._output import out, pct, print_json, progress
 

@@ -8,9 +8,9 @@ import typer
 from rich.table import Table
 
 from .. import cache
-from ..extract import ExtractResult, extract
-from ..features import DEFAULT_BUDGET, Pooling, PoolingPolicy
-from ..flops import human
+from ..gates.pooling import DEFAULT_BUDGET, Pooling, PoolingPolicy
+from ..models.flops import human
+from ..pipeline.extract import ExtractResult, extract
 from . import _options as o
 from ._output import fail, note, out, pct, print_json, progress, warn
 

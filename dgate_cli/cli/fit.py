@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..fit import fit
-from ..gates import DEFAULT_C_GRID
+from ..gates.linear import DEFAULT_C_GRID
+from ..pipeline.fit import fit
 from . import _options as o
 from ._output import note, out, pct, print_json, progress
 

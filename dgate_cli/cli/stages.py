@@ -7,10 +7,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..flops import human
-from ..models import list_builtin_models
-from ..models.registry import FAMILIES
-from ..stages import StagesReport, list_stages
+from ..models.families import FAMILIES
+from ..models.flops import human
+from ..models.specs import list_builtin_models
+from ..pipeline.stages import StagesReport, list_stages
 from . import _options as o
 from ._output import out, print_json
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from . import _native
-from ._device import describe, sync
-from ._malloc import malloc_state
-from .runtime import GatedModel, GatedOutput
+from .._device import describe, sync
+from ..runtime.backends import gate_kernel as _native
+from ..runtime.backends.malloc import malloc_state
+from ..runtime.model import GatedModel, GatedOutput
 
 ProgressFn = Callable[[str, int, int], None]
 _NEVER = float(torch.finfo(torch.float32).max)  # a threshold no finite float32 score passes

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import SpecError
+from ..errors import SpecError
 
 LAYOUTS = ("nchw", "nhwc", "nlc", "nc")
 

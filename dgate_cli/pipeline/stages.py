@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from .data import open_dataset
-from .errors import DataError
-from .flops import UNIT, stage_costs
-from .models import Backbone, build_backbone
-from .models.staging import Cut, run_stages
+from ..data.datasets import open_dataset
+from ..errors import DataError
+from ..models.backbone import Backbone, build_backbone
+from ..models.flops import UNIT, stage_costs
+from ..models.staging import Cut, run_stages
 
 SIZE_SOURCES = {
     "--input-size": "from --input-size",

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import _io
-from .errors import SpecError
+from .. import _io
+from ..errors import SpecError
 
 
 def check_plot_path(path: str | Path) -> None:

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _native
-from .cudagraphs import GraphChain, GraphRunner
-from .features import Pooling, pool
-from .gates import gate_scores
-from .thresholds import OperatingPoint, decode_threshold
+from ..gates.pooling import Pooling, pool
+from ..gates.scores import gate_scores
+from ..thresholds.outcomes import OperatingPoint, decode_threshold
+from .backends import gate_kernel as _native
+from .backends.cudagraphs import GraphChain, GraphRunner
 
 # the pooling op without F.adaptive_avg_pool2d's Python argument handling (~15 us a call, cold);
 # it also skips __torch_function__ overrides (tensor subclasses), which stage outputs do not use

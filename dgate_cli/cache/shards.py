@@ -11,17 +11,13 @@
     RUN_DIR/calibration.json                written by ``dgate calibrate``
 
 Every file is written to a temporary name and renamed, and ``index.json`` lists a shard only after
-the shard is complete, so an interrupted extraction resumes from its last complete shard.
-"""
+the shard is complete, so an interrupted extraction resumes from its last complete shard."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,151 +26,21 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import _io
-from ._version import __version__
-from .errors import BusyError, CacheMismatchError, MissingFileError, NotFittedError
+from .. import _io
+from .._version import __version__
+from ..errors import CacheMismatchError, NotFittedError
+from .run import read_run
 
 try:
     import fcntl
 except ImportError:  # not POSIX: no lock
     fcntl = None  # type: ignore[assignment]
 
-FORMAT_VERSION = 2
-RUN_FILE = "run.json"
+
 CACHE_DIR = "cache"
+
+
 INDEX_FILE = "index.json"
-
-
-@dataclass
-class RunConfig:
-    """What a run directory's cache was extracted with (``run.json``).
-
-    ``identity()`` covers everything that changes the cached numbers; two configs with the same
-    identity produce interchangeable caches.
-    """
-
-    model: dict[str, Any]
-    weights: dict[str, str] | None
-    gates: list[str]
-    pooling: dict[str, Any]
-    preprocess: dict[str, Any]
-    input_size: int
-    feature_dtype: str
-    classes: list[str]
-    layouts: list[str]
-    stage_shapes: list[list[int]]
-    feature_sizes: list[int]
-    costs: dict[str, Any]
-    gate_pooling: list[dict[str, Any]] = field(default_factory=list)
-    splits: dict[str, str] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
-    dgate_version: str = __version__
-
-    def identity(self) -> str:
-        """sha256 of the fields that determine the cached values."""
-        key = {
-            "format_version": self.format_version,
-            "model": self.model,
-            "weights_sha256": (self.weights or {}).get("sha256"),
-            "gates": self.gates,
-            "pooling": self.pooling,
-            "gate_pooling": self.gate_pooling,
-            "preprocess": self.preprocess,
-            "input_size": self.input_size,
-            "feature_dtype": self.feature_dtype,
-        }
-        return _io.sha256_text(json.dumps(key, sort_keys=True))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": self.format_version,
-            "dgate_version": self.dgate_version,
-            "model": self.model,
-            "weights": self.weights,
-            "gates": self.gates,
-            "pooling": self.pooling,
-            "gate_pooling": self.gate_pooling,
-            "preprocess": self.preprocess,
-            "input_size": self.input_size,
-            "feature_dtype": self.feature_dtype,
-            "classes": self.classes,
-            "layouts": self.layouts,
-            "stage_shapes": self.stage_shapes,
-            "feature_sizes": self.feature_sizes,
-            "costs": self.costs,
-            "splits": self.splits,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        fields = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in d.items() if k in fields})
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
-def run_file(run_dir: str | Path) -> Path:
-    return Path(run_dir) / RUN_FILE
-
-
-def read_run(run_dir: str | Path) -> RunConfig:
-    """Read ``run.json``; a clear error if the directory has no extracted cache."""
-    path = run_file(run_dir)
-    if not path.is_file():
-        raise MissingFileError(f"{run_dir} has no {RUN_FILE}; run `dgate extract {run_dir} --model ...` first")
-    try:
-        data = _io.read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CacheMismatchError(f"{path} is corrupt ({exc}); run `dgate extract` again with --overwrite") from exc
-    if not isinstance(data, dict):
-        raise CacheMismatchError(f"{path} is not a dgate run file; run `dgate extract` again with --overwrite")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise CacheMismatchError(
-            f"{path} has cache format {data.get('format_version')}, this dgate reads {FORMAT_VERSION}; "
-            "run `dgate extract` again with --overwrite"
-        )
-    try:
-        return RunConfig.from_dict(data)
-    except TypeError as exc:
-        raise CacheMismatchError(f"{path} is incomplete ({exc}); run `dgate extract` again with --overwrite") from exc
-
-
-LOCK_FILE = ".dgate.lock"
-
-
-@contextlib.contextmanager
-def locked(run_dir: str | Path, command: str) -> Iterator[None]:
-    """Hold ``run_dir``'s lock for the block: one dgate process writes a run directory at a time.
-
-    Two extractions into one directory would write shards of the same names; the second process
-    gets a :class:`~dgate_cli.errors.BusyError` that names the process holding the lock. The lock
-    is the operating system's (``flock``), so a killed process releases it.
-    """
-    d = Path(run_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / LOCK_FILE
-    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the whole block
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                raise BusyError(f"{d} is in use by {holder}; wait for it to finish, or use another RUN_DIR") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"dgate {command} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-        f.flush()
-        yield
-    finally:
-        f.close()  # releases the lock
-
-
-def write_run(run_dir: str | Path, config: RunConfig) -> None:
-    _io.write_json(run_file(run_dir), config.to_dict())
 
 
 def split_dir(run_dir: str | Path, split: str) -> Path:

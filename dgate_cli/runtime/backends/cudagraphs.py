@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .gates import gate_scores
+from ...gates.scores import gate_scores
 
 if TYPE_CHECKING:
-    from .runtime import GatedModel, GatedOutput
+    from ..model import GatedModel, GatedOutput
 
 
 def _step(n: int) -> int:

@@ -17,9 +17,9 @@ import torchvision.models as tvm
 from torch import nn
 
 from ..errors import DgateError, SpecError
-from ..features import DEFAULT_BUDGET, PoolingPolicy, layout_of, pool
-from ..flops import count_aten, count_thop
+from ..gates.pooling import DEFAULT_BUDGET, PoolingPolicy, layout_of, pool
 from .cifar_resnet import CifarResNet
+from .flops import count_aten, count_thop
 from .staging import StageGraph
 
 
@@ -175,7 +175,7 @@ def _demo_candidates(m: nn.Module) -> list[str]:
 
 
 def _register_demo() -> None:
-    from ..demo import DemoCNN
+    from .demo_cnn import DemoCNN
 
     register(Family("demo_cnn", (DemoCNN,), _demo_candidates, _demo_candidates))
 

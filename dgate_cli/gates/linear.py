@@ -10,8 +10,7 @@ standardisation back into the weights for export.
 
 Scores: how a gate's outputs become one confidence per sample (the exit rule compares it with the
 gate's threshold): ``max`` (largest distance; the paper's rule), ``margin`` (largest minus second
-largest), ``softmax`` (largest softmax probability) and ``entropy`` (minus the softmax entropy).
-"""
+largest), ``softmax`` (largest softmax probability) and ``entropy`` (minus the softmax entropy)."""
 
 from __future__ import annotations
 
@@ -22,38 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import NotFittedError, SpecError
+from ..errors import NotFittedError, SpecError
 
 LOSSES = ("hinge", "ce")
-SCORES = ("max", "margin", "softmax", "entropy")
+
+
 DEFAULT_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-
-
-def gate_scores(outputs: torch.Tensor, score: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence and predicted class per sample from gate outputs ``(N, K)``.
-
-    Example:
-        >>> s, p = gate_scores(torch.tensor([[2.0, -1.0, 0.5]]), "margin")
-        >>> float(s[0]), int(p[0])
-        (1.5, 0)
-    """
-    if score == "max":
-        s, p = outputs.max(1)
-        return s, p
-    if score == "margin":
-        top = (
-            outputs.topk(2, dim=1).values
-            if outputs.shape[1] > 1
-            else torch.cat([outputs, outputs.new_full(outputs.shape, -math.inf)], 1)
-        )
-        return top[:, 0] - top[:, 1], outputs.argmax(1)
-    logp = F.log_softmax(outputs.float(), dim=1)
-    if score == "softmax":
-        s, p = logp.max(1)
-        return s.exp(), p
-    if score == "entropy":
-        return (logp.exp() * logp).sum(1), logp.argmax(1)
-    raise SpecError(f"unknown gate score '{score}'; choose one of {', '.join(SCORES)}")
 
 
 def _check_params(loss: str, C: float) -> None:

@@ -20,10 +20,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import _io, cache
-from ._version import __version__
-from .errors import CacheMismatchError, MissingFileError, NotFittedError, SpecError
-from .gates import DEFAULT_C_GRID, LOSSES, LinearGate, choose_C
+from .. import _io, cache
+from .._version import __version__
+from ..errors import CacheMismatchError, MissingFileError, NotFittedError, SpecError
+from ..gates.linear import DEFAULT_C_GRID, LOSSES, LinearGate, choose_C
 
 GATES_JSON = "gates.json"
 GATES_TENSORS = "gates.safetensors"
@@ -142,7 +142,7 @@ def fit(
         raise SpecError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'")
     if not 0.0 < holdout < 0.5:
         raise SpecError(f"--holdout must be between 0 and 0.5, got {holdout}")
-    from ._device import resolve_device
+    from .._device import resolve_device
 
     dev = resolve_device(device)
     run_dir = Path(run_dir)

@@ -20,11 +20,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ._io import sha256_text
-from .errors import ManifestError, SpecError
-from .features import LAYOUTS
-from .gates import SCORES
-from .preprocess import Preprocess
+from .._io import sha256_text
+from ..data.preprocess import Preprocess
+from ..errors import ManifestError, SpecError
+from ..gates.pooling import LAYOUTS
+from ..gates.scores import SCORES
 
 SCHEMA_VERSION = 1
 MANIFEST = "dgate.json"

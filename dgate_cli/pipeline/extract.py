@@ -11,15 +11,16 @@ from typing import Any
 
 import torch
 
-from . import cache
-from ._device import available_memory, describe, gib, resolve_device, resolve_dtype
-from .data import ImageDataset, iterate, make_loader, open_dataset
-from .errors import CacheMismatchError, DataError, SpecError
-from .features import Pooling, PoolingPolicy, layout_of, pool
-from .flops import UNIT, gate_macs, stage_costs
-from .models import Backbone, build_backbone
-from .models.staging import run_stages
-from .preprocess import Preprocess
+from .. import cache
+from .._device import available_memory, describe, gib, resolve_device, resolve_dtype
+from ..data.datasets import ImageDataset, open_dataset
+from ..data.loader import iterate, make_loader
+from ..data.preprocess import Preprocess
+from ..errors import CacheMismatchError, DataError, SpecError
+from ..gates.pooling import Pooling, PoolingPolicy, layout_of, pool
+from ..models.backbone import Backbone, build_backbone
+from ..models.flops import UNIT, gate_macs, stage_costs
+from ..models.staging import run_stages
 
 ProgressFn = Callable[[str, int, int], None]
 SHARD_BYTES = 256 << 20

@@ -10,22 +10,15 @@ from typing import Any
 
 import torch
 
-from . import _io, cache
-from ._version import __version__
-from .errors import NotFittedError, SpecError
+from .. import _io, cache
+from .._version import __version__
+from ..errors import NotFittedError, SpecError
+from ..gates.scores import SCORES, gate_scores
+from ..thresholds.frontier import Frontier, frontier
+from ..thresholds.guarantees import search_confident, search_reserved
+from ..thresholds.outcomes import GateOutcomes, OperatingPoint
+from ..thresholds.search import lagrangian_path, search, sequential
 from .fit import FittedGates, read_gates
-from .gates import SCORES, gate_scores
-from .thresholds import (
-    Frontier,
-    GateOutcomes,
-    OperatingPoint,
-    frontier,
-    lagrangian_path,
-    search,
-    search_confident,
-    search_reserved,
-    sequential,
-)
 
 CALIBRATION_JSON = "calibration.json"
 DEFAULT_RESERVE = 2.0

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from ._io import atomic_path
+from ..._io import atomic_path
 
 SOURCE = Path(__file__).with_name("_gates.c")
 # fixed float32 arithmetic (no -ffast-math, no fused multiply-add contraction): the same bits on

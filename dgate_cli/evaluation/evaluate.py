@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 
-from ._device import describe, resolve_device
-from .data import iterate, make_loader, open_dataset, spread
-from .errors import DataError
-from .export import load
-from .extract import class_difference
-from .preprocess import Preprocess
+from .._device import describe, resolve_device
+from ..data.datasets import open_dataset
+from ..data.loader import iterate, make_loader, spread
+from ..data.preprocess import Preprocess
+from ..errors import DataError
+from ..pipeline.extract import class_difference
+from ..runtime.loading import load
 
 ProgressFn = Callable[[str, int, int], None]
 

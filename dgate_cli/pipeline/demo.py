@@ -3,8 +3,7 @@
 Each image shows one of ten shapes. Its difficulty ``d`` in [0, 1] sets how much the class's colour
 gives it away, the contrast, the noise and the clutter: easy images are separable from shallow
 features (colour and coarse layout), hard ones need the whole network, so early exits matter.
-Images are written as PNG files in ImageFolder layout, so the demo runs the real pipeline on them.
-"""
+Images are written as PNG files in ImageFolder layout, so the demo runs the real pipeline on them."""
 
 from __future__ import annotations
 
@@ -17,12 +16,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
-from . import _io
+from .. import _io
+from ..models.demo_cnn import demo_cnn
 
 CLASSES = ["circle", "cross", "diamond", "dots", "hbars", "ring", "square", "triangle", "vbars", "x"]
+
+
 SIZE = 32
+
+
 _HUES = torch.tensor(
     [[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.2, 0.3, 0.9], [0.9, 0.8, 0.1], [0.8, 0.2, 0.8],
      [0.1, 0.8, 0.8], [0.9, 0.5, 0.1], [0.5, 0.9, 0.5], [0.5, 0.5, 0.9], [0.6, 0.3, 0.1]]
@@ -107,52 +110,6 @@ def write_dataset(root: str | Path, sizes: dict[str, int], seed: int = 0) -> dic
     return out
 
 
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            if stride != 1 or cin != cout
-            else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.down(x))
-
-
-class DemoCNN(nn.Module):
-    """A small residual CNN for 32x32 images: stem, three stages of two blocks, linear head.
-
-    Example:
-        >>> DemoCNN()(torch.zeros(2, 3, 32, 32)).shape
-        torch.Size([2, 10])
-    """
-
-    def __init__(self, width: int = 8, num_classes: int = len(CLASSES)):
-        super().__init__()
-        w = width
-        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
-        self.stage1 = nn.Sequential(_Block(w, w, 1), _Block(w, w, 1))
-        self.stage2 = nn.Sequential(_Block(w, 2 * w, 2), _Block(2 * w, 2 * w, 1))
-        self.stage3 = nn.Sequential(_Block(2 * w, 4 * w, 2), _Block(4 * w, 4 * w, 1))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4 * w, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
-def demo_cnn(width: int = 8, num_classes: int = len(CLASSES)) -> DemoCNN:
-    """The demo's model (spec ``demo_cnn``)."""
-    return DemoCNN(width=width, num_classes=num_classes)
-
-
 @dataclass(frozen=True)
 class TrainResult:
     path: Path
@@ -172,7 +129,7 @@ def train(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> TrainResult:
     """Train :class:`DemoCNN` on ``uint8`` images and save its weights as safetensors (atomically)."""
-    from .models import CIFAR_PREPROCESS
+    from ..models.backbone import CIFAR_PREPROCESS
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)

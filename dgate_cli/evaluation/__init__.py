@@ -1,0 +1,1 @@
+"""Evaluating and timing exported models: evaluate, bench, plots."""

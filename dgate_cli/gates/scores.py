@@ -1,0 +1,51 @@
+"""Gate estimators: one linear layer on pooled stage features, with a scikit-learn-like contract.
+
+``LinearGate(loss="hinge")`` is the d-gate: K one-vs-all linear SVMs sharing the feature matrix,
+trained with the squared hinge loss and L2 regularisation (the objective of scikit-learn's
+``LinearSVC(loss="squared_hinge")``, bias penalised as liblinear does), so ``w·x + b`` is a signed
+(scaled) distance to each class boundary. ``LinearGate(loss="ce")`` is multinomial logistic
+regression (softmax + cross-entropy; bias not penalised, as scikit-learn's ``LogisticRegression``).
+Both are solved full-batch with L-BFGS on standardised features; :meth:`LinearGate.folded` folds the
+standardisation back into the weights for export.
+
+Scores: how a gate's outputs become one confidence per sample (the exit rule compares it with the
+gate's threshold): ``max`` (largest distance; the paper's rule), ``margin`` (largest minus second
+largest), ``softmax`` (largest softmax probability) and ``entropy`` (minus the softmax entropy)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import SpecError
+
+SCORES = ("max", "margin", "softmax", "entropy")
+
+
+def gate_scores(outputs: torch.Tensor, score: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence and predicted class per sample from gate outputs ``(N, K)``.
+
+    Example:
+        >>> s, p = gate_scores(torch.tensor([[2.0, -1.0, 0.5]]), "margin")
+        >>> float(s[0]), int(p[0])
+        (1.5, 0)
+    """
+    if score == "max":
+        s, p = outputs.max(1)
+        return s, p
+    if score == "margin":
+        top = (
+            outputs.topk(2, dim=1).values
+            if outputs.shape[1] > 1
+            else torch.cat([outputs, outputs.new_full(outputs.shape, -math.inf)], 1)
+        )
+        return top[:, 0] - top[:, 1], outputs.argmax(1)
+    logp = F.log_softmax(outputs.float(), dim=1)
+    if score == "softmax":
+        s, p = logp.max(1)
+        return s.exp(), p
+    if score == "entropy":
+        return (logp.exp() * logp).sum(1), logp.argmax(1)
+    raise SpecError(f"unknown gate score '{score}'; choose one of {', '.join(SCORES)}")

@@ -1,0 +1,1 @@
+"""Optional accelerators of the reference path, each measured in benchmarks/RESULTS.md."""

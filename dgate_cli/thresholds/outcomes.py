@@ -1,0 +1,216 @@
+"""Choosing gate thresholds: pure tensor maths, no IO.
+
+A sample exits at the first gate ``g`` whose score reaches the threshold (``score >= t_g``),
+predicting that gate's class; a sample no gate takes pays the whole backbone. Given, for a
+calibration split, every sample's score and correctness at every gate, :func:`search` finds the
+thresholds with the lowest mean cost subject to ``accuracy >= target``.
+
+The search combines three exact moves. With the other thresholds fixed, the best threshold of one
+gate is found by sorting the samples that reach it by score and scanning every cut with prefix sums
+(O(N log N)); the best pair of thresholds for two gates is found by scanning every combination of
+cuts with a masked prefix-sum matrix (O(N^2), in chunks). A Lagrangian continuation (minimise
+``cost - lam * correct`` for decreasing ``lam``) spreads the accuracy budget across gates and gives
+starting points; coordinate descent from them, then block descent over pairs of gates (all pairs up
+to five gates, neighbouring pairs beyond), finishes. For two gates the result is the exact optimum;
+for three it is at least as cheap as an exhaustive search over a fine grid (tested); the paper's
+sequential rule is the first sweep from all gates closed, so the search never does worse.
+Thresholds are float32 numbers, as the runtime compares float32 scores with float32 thresholds:
+each sits between two consecutive distinct scores (at the float32 nearest their midpoint, moved
+off the lower score where the two are a few ulps apart), and every accuracy the search promises is
+checked with exactly that comparison before it is returned. Costs charge only open gates, as the
+runtime skips closed ones."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import SpecError
+
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class GateOutcomes:
+    """What every calibration sample would do at every gate.
+
+    Attributes:
+        scores: ``(N, G)`` gate confidence per sample.
+        correct: ``(N, G)`` whether the gate's prediction is right.
+        final_correct: ``(N,)`` whether the backbone's prediction is right.
+        reach_costs: ``(G + 1,)`` backbone cost from the input to gate ``g``; the last entry is the
+            whole backbone.
+        gate_costs: ``(G,)`` cost of evaluating each gate.
+
+    The search charges every gate; :meth:`evaluate` charges only open gates (``t < inf``), as the
+    runtime skips closed ones, so reported costs are exact and never above the searched ones.
+    """
+
+    scores: torch.Tensor
+    correct: torch.Tensor
+    final_correct: torch.Tensor
+    reach_costs: torch.Tensor
+    gate_costs: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.scores.is_floating_point() and self.scores.dtype != torch.float32:
+            # the runtime's scores are float32: compare as it does (see the module docstring)
+            object.__setattr__(self, "scores", self.scores.float())
+        if self.scores.dim() != 2:
+            raise SpecError(f"gate outcomes need scores of shape (N, G), got {tuple(self.scores.shape)}")
+        n, g = self.scores.shape
+        if (
+            self.correct.shape != (n, g)
+            or self.final_correct.shape != (n,)
+            or self.reach_costs.shape != (g + 1,)
+            or self.gate_costs.shape != (g,)
+        ):
+            raise SpecError(
+                f"inconsistent gate outcomes: scores {tuple(self.scores.shape)}, correct {tuple(self.correct.shape)}, "
+                f"final {tuple(self.final_correct.shape)}, reach costs {tuple(self.reach_costs.shape)}, "
+                f"gate costs {tuple(self.gate_costs.shape)}"
+            )
+
+    @property
+    def backbone_cost(self) -> float:
+        """The plain backbone's cost (no gates): the denominator of cost ratios."""
+        return float(self.reach_costs[-1])
+
+    def exit_costs(self, open_gates: torch.Tensor | None = None) -> torch.Tensor:
+        """``(G + 1,)`` cost of leaving at each gate (its own and earlier open gates included)."""
+        gc = self.gate_costs.double()
+        if open_gates is not None:
+            gc = gc * open_gates.double()
+        spent = torch.cat([gc.cumsum(0), gc.sum().reshape(1)])
+        return self.reach_costs.double() + spent
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def num_gates(self) -> int:
+        return int(self.scores.shape[1])
+
+    @property
+    def backbone_accuracy(self) -> float:
+        return float(self.final_correct.double().mean())
+
+    def all_correct(self) -> torch.Tensor:
+        """``(N, G + 1)`` correctness at each exit, the backbone last."""
+        return torch.cat([self.correct, self.final_correct[:, None]], 1)
+
+    def exits(self, thresholds: Sequence[float] | torch.Tensor) -> torch.Tensor:
+        """Exit index per sample (``G`` = the backbone) under ``thresholds``."""
+        t = torch.as_tensor(thresholds, dtype=self.scores.dtype)
+        if t.shape != (self.num_gates,):
+            raise SpecError(f"expected {self.num_gates} thresholds (one per gate), got {tuple(t.shape)}")
+        if self.num_gates == 0:
+            return torch.zeros(self.num_samples, dtype=torch.long)
+        ge = self.scores >= t
+        return torch.where(ge.any(1), ge.to(torch.int8).argmax(1), self.num_gates)
+
+    def evaluate(self, thresholds: Sequence[float] | torch.Tensor) -> OperatingPoint:
+        """Accuracy, mean cost and exit fractions under ``thresholds``."""
+        t = torch.as_tensor(thresholds, dtype=torch.float64)
+        e = self.exits(thresholds)
+        correct = self.all_correct().gather(1, e[:, None]).squeeze(1)
+        counts = torch.bincount(e, minlength=self.num_gates + 1)
+        mean_cost = float(self.exit_costs(t < INF)[e].mean())
+        return OperatingPoint(
+            thresholds=tuple(float(v) for v in torch.as_tensor(thresholds, dtype=torch.float64)),
+            accuracy=float(correct.double().mean()),
+            mean_cost=mean_cost,
+            cost_ratio=mean_cost / self.backbone_cost,
+            exit_fractions=tuple(float(c) / self.num_samples for c in counts),
+        )
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One choice of thresholds and what it gives on the calibration split.
+
+    ``thresholds[g] = inf`` closes gate ``g``; ``-inf`` lets every sample that reaches it leave.
+    """
+
+    thresholds: tuple[float, ...]
+    accuracy: float
+    mean_cost: float
+    cost_ratio: float
+    exit_fractions: tuple[float, ...]
+    target: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "thresholds": [encode_threshold(t) for t in self.thresholds],
+            "accuracy": self.accuracy,
+            "mean_cost": self.mean_cost,
+            "cost_ratio": self.cost_ratio,
+            "exit_fractions": list(self.exit_fractions),
+            "target": self.target,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OperatingPoint:
+        return cls(
+            thresholds=tuple(decode_threshold(t) for t in d["thresholds"]),
+            accuracy=float(d["accuracy"]),
+            mean_cost=float(d["mean_cost"]),
+            cost_ratio=float(d["cost_ratio"]),
+            exit_fractions=tuple(float(v) for v in d["exit_fractions"]),
+            target=d.get("target"),
+        )
+
+
+def encode_threshold(t: float) -> float | str:
+    """JSON has no infinities: closed gates are written ``"inf"``."""
+    return "inf" if t == INF else "-inf" if t == -INF else float(t)
+
+
+def decode_threshold(t: float | str | None) -> float:
+    if t is None or t == "inf":
+        return INF
+    if t == "-inf":
+        return -INF
+    return float(t)
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def f32(v: float) -> float:
+    """``v`` rounded to the nearest float32 (beyond float32's range: an infinity)."""
+    return float(torch.tensor(v, dtype=torch.float64).float())
+
+
+def between(lo: float, hi: float) -> float:
+    """A float32 threshold ``t`` with ``lo < t <= hi`` in float32 (``lo < hi`` float32 values).
+
+    Example:
+        >>> one_ulp_up = float(torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)))
+        >>> t = between(1.0, one_ulp_up)
+        >>> 1.0 < t <= one_ulp_up  # the float64 midpoint would round back onto 1.0
+        True
+    """
+    t = f32((lo + hi) / 2) if math.isfinite(lo) and math.isfinite(hi) else (hi if math.isfinite(hi) else lo)
+    if not t > lo:
+        t = float(torch.nextafter(torch.tensor(lo, dtype=torch.float32), torch.tensor(math.inf)))
+    if t > hi:
+        t = hi
+    return min(t, _F32_MAX)  # inf would close the gate
+
+
+def subset(oc: GateOutcomes, index: torch.Tensor) -> GateOutcomes:
+    """The outcomes of the samples at ``index`` (same gates and costs)."""
+    return GateOutcomes(oc.scores[index], oc.correct[index], oc.final_correct[index], oc.reach_costs, oc.gate_costs)
+
+
+def discordant(oc: GateOutcomes, thresholds: Sequence[float]) -> tuple[int, int]:
+    """``(lost, gained)``: samples the backbone gets right and the gated network wrong, and the reverse."""
+    e = oc.exits(thresholds)
+    gated = oc.all_correct().gather(1, e[:, None]).squeeze(1)
+    return int((oc.final_correct & ~gated).sum()), int((~oc.final_correct & gated).sum())
