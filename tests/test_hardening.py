@@ -219,12 +219,12 @@ def test_in_place_edits_of_gate_weights_are_seen():
     h = model.stages[0](x)
     before = model.gate_outputs(0, h)
     with torch.no_grad():
-        model.gate0_weight.mul_(2.0)
+        model.gates[0].weight.mul_(2.0)
     torch.testing.assert_close(model.gate_outputs(0, h), 2 * before)
     with torch.no_grad():
-        model.gate0_bias.add_(1.0)
+        model.gates[0].bias.add_(1.0)
     torch.testing.assert_close(model.gate_outputs(0, h), 2 * before + 1)
-    model.gate0_weight = torch.zeros(3, 4)  # replaced outright
+    model.gates[0].weight = torch.zeros(3, 4)  # replaced outright
     torch.testing.assert_close(model.gate_outputs(0, h), torch.ones(5, 3))
 
 
@@ -511,8 +511,7 @@ def test_every_json_output_is_strict_json(calibrated, exported, data, weights, t
         assert result.exit_code == 0, (name, result.stderr)
         strict_json(result.stdout)
     assert "cifar_resnet56" in strict_json(outputs["models"].stdout)["builtin"]
-    rows = strict_json(outputs["bench"].stdout)
-    assert rows[0]["thresholds"][0] == "-inf"
+    assert strict_json(outputs["bench"].stdout)["thresholds"][0] == "-inf"
 
 
 def test_bench_measures_accuracy_at_each_rows_batch_size(exported, data, monkeypatch):

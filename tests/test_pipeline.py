@@ -39,7 +39,6 @@ from dgate_cli.pipeline.export import export
 from dgate_cli.pipeline.extract import ExtractResult, extract
 from dgate_cli.pipeline.fit import fit, read_gates
 from dgate_cli.runtime import manifest
-from dgate_cli.runtime.backends import cpu_fusion
 from dgate_cli.runtime.model import GatedModel
 from dgate_cli.thresholds.outcomes import GateOutcomes
 
@@ -63,6 +62,7 @@ MANIFEST_KEYS = [
     "schema_version",
     "score",
     "source_weights",
+    "steps",
     "target",
     "thresholds",
     "weights",
@@ -318,13 +318,8 @@ def test_samples_that_exit_skip_the_later_stages(pipe: Pipeline, val_images, cac
     assert bool((out.exit == 0).all())
 
     calls = []
-    original = GatedModel._gate_product  # every path computes a gate through it
-
-    def counting(self, g, h):
-        calls.append(g)
-        return original(self, g, h)
-
-    monkeypatch.setattr(GatedModel, "_gate_product", counting)
+    for g, gate in enumerate(model.gates):  # every decision computes its gate's outputs
+        gate.register_forward_pre_hook(lambda mod, args, g=g: calls.append(g))
     for s in seen:
         s.clear()
     model.set_thresholds([math.inf] * G)
@@ -358,23 +353,18 @@ def joined(outs) -> SimpleNamespace:
     return SimpleNamespace(exit=torch.cat([o.exit for o in outs]), pred=torch.cat([o.pred for o in outs]))
 
 
-def test_cpu_load_fuses_conv_relu_with_the_same_results(pipe: Pipeline, val_images, cached, monkeypatch):
+def test_batchnorm_folding_keeps_the_decisions(pipe: Pipeline, val_images):
     model = dgate_cli.load(pipe.export_dir)
     x = val_images[0][:64]
-    model.set_thresholds(cascade_thresholds(gate_scores_of(model, x)))  # fused convolutions round otherwise
-    fused = [m for m in model.stages.modules() if isinstance(m, cpu_fusion.FusedConv2d)]
-    # the demo CNN: the stem conv -> relu, and in each of 6 blocks conv1 -> relu and conv2 -> add -> relu
-    assert len(fused) == (13 if cpu_fusion.available() else 0)
-    assert sum(m.add for m in fused) == (6 if cpu_fusion.available() else 0)
-    monkeypatch.setattr("dgate_cli.runtime.loading.fuse_pointwise", lambda stage: stage)
-    plain = dgate_cli.load(pipe.export_dir)
+    model.set_thresholds(cascade_thresholds(gate_scores_of(model, x)))  # folded convolutions round otherwise
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.stages.modules())
+    plain = dgate_cli.load(pipe.export_dir, fuse=False)
     plain.set_thresholds(model.thresholds)
-    assert not any(isinstance(m, cpu_fusion.FusedConv2d) for m in plain.stages.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.stages.modules())
     with torch.inference_mode():
         a, b = model(x), plain(x)
         assert_same_decisions(a, b)
-        torch.testing.assert_close(a.logits, b.logits, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(model.backbone_forward(x), plain.backbone_forward(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model.backbone_forward(x), plain.backbone_forward(x), rtol=1e-4, atol=1e-4)
 
 
 def test_operating_points_switch_without_recalibrating(pipe: Pipeline, val_images, cached):
@@ -459,7 +449,7 @@ def test_unknown_schema_version(pipe: Pipeline, tmp_path: Path):
     _edit_manifest(d, lambda m: m.update(schema_version=99))
     with pytest.raises(ManifestError, match="schema_version 99") as info:
         dgate_cli.load(d)
-    assert "reads 1" in str(info.value)
+    assert "reads 2" in str(info.value)
 
 
 def test_manifest_that_is_not_json(pipe: Pipeline, tmp_path: Path):
@@ -594,7 +584,8 @@ def test_bench_command_reports_json_for_each_batch_size(pipe: Pipeline, cached):
     args = ["bench", str(pipe.export_dir), "--data", str(pipe.data["val"]), "--device", "cpu"]
     result = CliRunner().invoke(app, [*args, "--batch-size", "1,16", "--images", "48", "--repeats", "2", "--json"])
     assert result.exit_code == 0, (result.stderr, result.exception)
-    rows = json.loads(result.stdout)
+    report = json.loads(result.stdout)
+    rows = report["rows"]
     assert [r["batch_size"] for r in rows] == [1, 16]
     assert [r["batches"] for r in rows] == [96, 10]  # 48 and 5 (at least 5 batches per size), timed twice
     model = dgate_cli.load(pipe.export_dir)
@@ -603,11 +594,11 @@ def test_bench_command_reports_json_for_each_batch_size(pipe: Pipeline, cached):
         assert r["speedup"] > 0 and r["ideal_speedup"] == pytest.approx(1 / r["flops_ratio"])
         assert len(r["exit_fractions"]) == model.num_gates + 1 and sum(r["exit_fractions"]) == pytest.approx(1.0)
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["backbone_accuracy"] <= 1.0
-        assert "threads" in r["device"] and "malloc" in r["machine"]
+    assert "threads" in report["device"] and "malloc" in report["machine"] and report["backends"] == []
     assert all(r["mode"] == "batch" for r in rows)
     streamed = CliRunner().invoke(app, [*args, "--batch-size", "16", "--images", "80", "--stream", "--json"])
     assert streamed.exit_code == 0, (streamed.stderr, streamed.exception)
-    batch_row, stream_row = json.loads(streamed.stdout)
+    batch_row, stream_row = json.loads(streamed.stdout)["rows"]
     assert (batch_row["mode"], stream_row["mode"]) == ("batch", "stream")
     assert stream_row["images"] == 80 and stream_row["batches"] == 5  # one pass over the same 5 batches
     assert sum(stream_row["exit_fractions"]) == pytest.approx(1.0) and stream_row["speedup"] > 0
@@ -625,9 +616,6 @@ def test_bench_command_reports_json_for_each_batch_size(pipe: Pipeline, cached):
     assert "% time against the backbone" in worst.stdout
     bad = CliRunner().invoke(app, [*args, "--batch-size", "1,x"])
     assert bad.exit_code == 2 and "--batch-size must be comma-separated integers" in bad.stderr
-    assert all(r["cuda_graphs"] is False for r in rows)
-    no_gpu = CliRunner().invoke(app, [*args, "--cuda-graphs"])
-    assert no_gpu.exit_code == 2 and "--cuda-graphs needs a GPU" in no_gpu.stderr and "--device cuda" in no_gpu.stderr
     bad = CliRunner().invoke(app, [*args, "--dtype", "float64"])
     assert bad.exit_code == 2 and "--dtype must be one of float32, float16, bfloat16" in bad.stderr
     half = CliRunner(env={"COLUMNS": "200"}).invoke(

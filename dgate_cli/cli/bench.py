@@ -55,13 +55,6 @@ def bench_command(
             help="Also time the worst case: every open gate computed, no sample let out (what the gates cost when nothing is easy).",
         ),
     ] = False,
-    cuda_graphs: Annotated[
-        bool,
-        typer.Option(
-            "--cuda-graphs",
-            help="Run the gated model and its backbone as CUDA graphs (GPU only): lower latency for small models and batches, though the gates' host round trips then weigh more against the backbone.",
-        ),
-    ] = False,
     dtype: Annotated[
         str,
         typer.Option(
@@ -94,14 +87,9 @@ def bench_command(
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
-    if cuda_graphs and dev.type != "cuda":
-        fail(f"--cuda-graphs needs a GPU, but the device is {dev}; add --device cuda or drop --cuda-graphs")
-    if cuda_graphs and stream:
-        fail("--stream runs eagerly, so it cannot be timed with --cuda-graphs; time it in a run without --cuda-graphs")
     stage_dtype = resolve_dtype(dtype, "--dtype")
-    model = load(model_dir, device=dev, trust_code=trust_code).to(stage_dtype)
-    if cuda_graphs:
-        model.use_cuda_graphs()
+    model = load(model_dir, device=dev, trust_code=trust_code)
+    model.stages.to(stage_dtype)  # the gates stay float32
     if max_drop is not None:
         model.use_operating_point(max_drop=max_drop)
     if thresholds is not None:
@@ -120,7 +108,7 @@ def bench_command(
     with progress(enabled=not json, unit="batches") as bar:
         result = bench(model, x, y, batch_sizes=sizes, repeats=repeats, progress=bar, stream=stream, no_exits=no_exits)
     if json:
-        print_json(result.to_list())
+        print_json(result.to_dict())
         return
     table = Table(title=f"dgate bench: {model_dir}, {x.shape[0]} images of {data}", title_justify="left")
     for col in ("batch", "backbone ms", "gated ms", "speed-up", "ideal", "of ideal", "exits", "accuracy"):
@@ -147,5 +135,5 @@ def bench_command(
             )
     out.print(f"machine: {result.machine}")
     out.print(
-        f"device: {result.device}{'; CUDA graphs' if result.cuda_graphs else ''}; stages in {dtype}; thresholds: {', '.join(f'{t:.4g}' for t in result.thresholds)}"
+        f"device: {result.device}; stages in {dtype}; thresholds: {', '.join(f'{t:.4g}' for t in result.thresholds)}"
     )

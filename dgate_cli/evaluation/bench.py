@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from .._device import describe, sync
-from ..runtime.backends import gate_kernel as _native
 from ..runtime.backends.malloc import malloc_state
 from ..runtime.model import GatedModel, GatedOutput
 
@@ -73,17 +72,18 @@ class BenchResult:
     thresholds: list[float]
     exit_names: list[str]
     rows: list[BenchRow] = field(default_factory=list)
-    cuda_graphs: bool = False  # both models run as CUDA graphs (GatedModel.use_cuda_graphs)
+    backends: list[str] = field(default_factory=list)  # the model's decision backends (none: the reference)
 
-    def to_list(self) -> list[dict[str, Any]]:
-        meta = {
+    def to_dict(self) -> dict[str, Any]:
+        return {
             "device": self.device,
             "machine": self.machine,
             "torch": self.torch_version,
-            "cuda_graphs": self.cuda_graphs,
+            "backends": list(self.backends),
             "thresholds": list(self.thresholds),
+            "exit_names": list(self.exit_names),
+            "rows": [asdict(r) for r in self.rows],
         }
-        return [{**asdict(r), **meta} for r in self.rows]
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -136,7 +136,7 @@ def bench(
         torch.__version__,
         list(model.thresholds),
         [*model.gate_names, "backbone"],
-        cuda_graphs=model.cuda_graphs and device.type == "cuda",
+        backends=[b.name for b in model.backends],
     )
     n = images.shape[0]
 
@@ -282,9 +282,11 @@ def _row(
 ) -> BenchRow:
     """A :class:`BenchRow` from the timings (seconds), the latencies to report (backbone, gated,
     then their p95 or worst) and the exit index of each image seen."""
-    costs = torch.tensor(model.exit_costs(), dtype=torch.float64)
-    backbone_cost = float(model.reach_costs[-1])  # type: ignore[index]
-    mean_cost = float(costs[exits].mean())
+    cost = model.cost
+    if cost is None:
+        raise ValueError("bench needs a model with a cost table (an export carries one)")
+    backbone_cost = cost.backbone
+    mean_cost = cost.mean_cost(exits, model.thresholds)
     speedup = sum(t_bb) / sum(t_g)
     ideal = backbone_cost / mean_cost
     return BenchRow(
@@ -324,7 +326,4 @@ def _accuracy(
 def _machine(device: torch.device) -> str:
     import platform
 
-    return (
-        f"{platform.node()} {platform.machine()}, {describe(torch.device('cpu'))}, malloc {malloc_state()},"
-        f" gate kernel {_native.status()}"
-    )
+    return f"{platform.node()} {platform.machine()}, {describe(torch.device('cpu'))}, malloc {malloc_state()}"

@@ -105,7 +105,6 @@ def evaluate(
         )
     subset = spread(len(ds), limit)
     n = len(ds) if subset is None else len(subset)
-    costs = torch.tensor(model.exit_costs(), dtype=torch.float64)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("index", "label", "pred", "exit", "backbone_pred")}
     done = 0
     for images, labels, index in iterate(
@@ -132,8 +131,8 @@ def evaluate(
         accuracy=float((s["pred"] == s["label"]).double().mean()),
         backbone_accuracy=float((s["backbone_pred"] == s["label"]).double().mean()),
         agreement=float((s["pred"] == s["backbone_pred"]).double().mean()),
-        mean_cost=float(costs[s["exit"]].mean()),
-        backbone_cost=float(model.reach_costs[-1]),  # type: ignore[index]
+        mean_cost=model.cost.mean_cost(s["exit"], model.thresholds),  # type: ignore[union-attr]
+        backbone_cost=model.cost.backbone,  # type: ignore[union-attr]
         unit=model.manifest["costs"]["unit"],
         exit_fractions=(counts.double() / n).tolist(),
         exit_names=[*model.gate_names, "backbone"],

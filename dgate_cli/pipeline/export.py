@@ -21,6 +21,7 @@ from ..errors import CacheMismatchError, MissingFileError, NotFittedError, SpecE
 from ..models.backbone import read_weights
 from ..models.specs import parse_model_spec
 from ..runtime import manifest
+from ..runtime.plan import linear_plan
 from .calibrate import read_calibration
 from .fit import FittedGates, read_gates
 
@@ -99,6 +100,7 @@ def _export(
         "preprocess": config.preprocess,
         "input_size": config.input_size,
         "thresholds": calib["chosen"]["thresholds"],
+        "steps": [s.to_dict() for s in linear_plan(names)],
         "costs": {
             "unit": calib["costs"]["unit"],
             "reach": calib["costs"]["reach"],

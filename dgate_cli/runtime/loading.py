@@ -1,8 +1,8 @@
-"""``dgate export`` and :func:`load`: a gated model as ``model.safetensors`` + ``dgate.json``.
+""":func:`load`: an exported directory (``model.safetensors`` + ``dgate.json``) -> a :class:`GatedModel`.
 
 ``model.safetensors`` holds the backbone's state dict under ``backbone.`` and each gate as
 ``gates.<i>.weight`` (K, D) and ``gates.<i>.bias`` (K,), on raw pooled features. ``dgate.json``
-holds everything needed to rebuild the model and to explain it (see :mod:`dgate_cli.manifest`)."""
+holds everything needed to rebuild the model and to explain it (see :mod:`.manifest`)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,20 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
 from .. import _io
+from ..data.preprocess import Preprocess
 from ..errors import ManifestError
 from ..gates.pooling import Pooling
 from ..models.backbone import build_backbone
 from ..models.weights import load_into
 from ..thresholds.outcomes import OperatingPoint
 from . import manifest
-from .backends.cpu_fusion import fuse_pointwise
-from .model import GatedModel, fuse_batchnorm
+from .backends import default_backends
+from .decisions import Backend
+from .model import GatedModel
+from .plan import steps_from_manifest
 
 
 def load(
@@ -33,6 +37,7 @@ def load(
     *,
     trust_code: bool = False,
     factory: Any = None,
+    backends: list[Backend] | None = None,
 ) -> GatedModel:
     """Load an exported gated model.
 
@@ -45,9 +50,9 @@ def load(
         verify: check ``model.safetensors`` and ``dgate.json`` against the sha256s the export
             recorded (default). They catch corruption and edits, not a forger, who can rewrite them.
         channels_last: run convolutions in channels-last memory format.
-        fuse: fold BatchNorm into the convolutions before it (faster inference, same results to
-            float rounding); on a CPU also run each convolution and the ReLU and residual add
-            after it as one oneDNN call on batches (:mod:`.cpu_fusion`; the same results).
+        fuse: fold BatchNorm into the convolutions before it (the same results to float rounding).
+        backends: faster decision backends to use where they apply (default: those built into
+            this install, see :func:`.backends.default_backends`); ``[]`` runs the reference only.
         trust_code: for a backbone built by your own ``package.module:factory``: import and call
             the factory the manifest names. Off by default: a manifest must not run code.
         factory: or pass that factory yourself (the callable, or the Python module holding it).
@@ -83,7 +88,8 @@ def load(
     state = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
     load_into(backbone.module, state, str(backbone.spec), str(wpath))
     names = [g["name"] for g in data["gates"]]
-    cuts = backbone.graph.resolve(names)
+    plan = steps_from_manifest(data["steps"], str(directory / manifest.MANIFEST))
+    cuts = backbone.graph.resolve(names) if names else []
     if [c.name for c in cuts] != names:
         raise ManifestError(
             f"{directory}: gates {names} do not resolve in execution order in {backbone.spec}; re-export the model"
@@ -93,8 +99,6 @@ def load(
     if fuse:
         with torch.no_grad():
             stages = [fuse_batchnorm(s) for s in stages]
-        if dev.type == "cpu":
-            stages = [fuse_pointwise(s) for s in stages]
     try:
         weights = [tensors[f"gates.{i}.weight"] for i in range(len(names))]
         biases = [tensors[f"gates.{i}.bias"] for i in range(len(names))]
@@ -114,8 +118,24 @@ def load(
         frontier=[OperatingPoint.from_dict(p) for p in data.get("frontier", [])],
         channels_last=channels_last,
         manifest=data,
+        plan=plan,
+        preprocess=Preprocess.from_dict(data["preprocess"]),
     )
     model.to(dev)
     if channels_last:
         model.stages.to(memory_format=torch.channels_last)
+    model.backends = default_backends(dev) if backends is None else list(backends)
     return model
+
+
+def fuse_batchnorm(stage: nn.Module) -> nn.Module:
+    """A copy of ``stage`` with each BatchNorm folded into the convolution before it (eval only).
+
+    Fewer passes over memory; the outputs match the unfused stage to float rounding (about 1e-6).
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(stage.eval())
+    except Exception:  # a stage torch.fx cannot re-trace stays as it is
+        return stage

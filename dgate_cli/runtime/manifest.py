@@ -26,7 +26,7 @@ from ..errors import ManifestError, SpecError
 from ..gates.pooling import LAYOUTS
 from ..gates.scores import SCORES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the execution plan ("steps"); version 1 manifests are migrated on read
 MANIFEST = "dgate.json"
 WEIGHTS = "model.safetensors"
 
@@ -43,6 +43,7 @@ REQUIRED = {
     "input_size": int,
     "thresholds": list,
     "costs": dict,
+    "steps": list,
 }
 OPTIONAL = {
     "source_weights": (dict, type(None)),
@@ -121,6 +122,7 @@ def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
             raise ManifestError(f"{source}: gates[{i}].pooling is not a valid pooling; re-export the model")
         _number(source, f"gates[{i}].features", gate["features"], integer=True, positive=True)
         _number(source, f"gates[{i}].cost", gate["cost"])
+    _check_steps(source, data["steps"], G)
     if data["score"] not in SCORES:
         raise ManifestError(
             f"{source}: score must be one of {', '.join(SCORES)}, got {data['score']!r}; re-export the model"
@@ -158,6 +160,31 @@ def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
         _check_list(source, f"{where}.exit_fractions", point.get("exit_fractions"), (int, float), G + 1, finite=True)
         if point.get("target") is not None:
             _number(source, f"{where}.target", point["target"])
+    return data
+
+
+def _check_steps(source: str, steps: list[Any], G: int) -> None:
+    """Every step names its kind and what it is; gates follow in order, the last step has none."""
+    gates = []
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict) or not isinstance(step.get("kind"), str) or not isinstance(step.get("name"), str):
+            raise ManifestError(f"{source}: steps[{i}] needs a 'kind' and a 'name'; re-export the model")
+        if step.get("source", "previous") not in ("previous", "input"):
+            raise ManifestError(f"{source}: steps[{i}].source must be previous or input; re-export the model")
+        gates.append(step.get("gate"))
+    if gates != [*range(G), None]:
+        raise ManifestError(
+            f"{source}: steps must run each of the {G} gates once, in order, then end without one; re-export the model"
+        )
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A manifest of an older schema in today's form (1 -> 2: the plan of a single network)."""
+    if data.get("schema_version") == 1 and isinstance(data.get("gates"), list):
+        names = [g.get("name") if isinstance(g, dict) else None for g in data["gates"]]
+        steps = [{"kind": "stage", "name": n, "source": "previous", "gate": i} for i, n in enumerate(names)]
+        steps.append({"kind": "stage", "name": "head", "source": "previous", "gate": None})
+        data = {**data, "schema_version": SCHEMA_VERSION, "steps": steps}
     return data
 
 
@@ -223,10 +250,13 @@ def read(directory: str | Path, verify: bool = True) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise ManifestError(f"{path} is corrupt ({exc}); re-export the model with `dgate export`") from exc
+    old_unsealed = isinstance(data, dict) and data.get("schema_version") == 1 and CONTENT_KEY not in data
+    sealed = content_sha256(data) if isinstance(data, dict) and CONTENT_KEY in data else None
+    data = migrate(data) if isinstance(data, dict) else data
     validate(data, str(path))
-    if verify:
+    if verify and not old_unsealed:  # a version 1 export from before content hashes: the weights' sha256 only
         recorded = data.get(CONTENT_KEY)
-        if not isinstance(recorded, str) or recorded != content_sha256(data):
+        if not isinstance(recorded, str) or recorded != sealed:
             raise ManifestError(
                 f"{path} was changed after export (its content_sha256 does not match); re-export the model, "
                 "or load it with verify=False (--no-verify) to accept the edit"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .cost import CostModel
 from .frontier import (
     DEFAULT_DROPS,
     Frontier,
@@ -36,6 +37,7 @@ from .search import (
 )
 
 __all__ = [
+    "CostModel",
     "CONFIDENT_STEP",
     "DEFAULT_DROPS",
     "Frontier",

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import SpecError
+from .cost import CostModel
 
 INF = math.inf
 
@@ -76,17 +77,18 @@ class GateOutcomes:
             )
 
     @property
+    def cost(self) -> CostModel:
+        """The cost model of these outcomes (built from ``reach_costs`` and ``gate_costs``)."""
+        return CostModel(tuple(self.reach_costs.tolist()), tuple(self.gate_costs.tolist()))
+
+    @property
     def backbone_cost(self) -> float:
         """The plain backbone's cost (no gates): the denominator of cost ratios."""
         return float(self.reach_costs[-1])
 
     def exit_costs(self, open_gates: torch.Tensor | None = None) -> torch.Tensor:
         """``(G + 1,)`` cost of leaving at each gate (its own and earlier open gates included)."""
-        gc = self.gate_costs.double()
-        if open_gates is not None:
-            gc = gc * open_gates.double()
-        spent = torch.cat([gc.cumsum(0), gc.sum().reshape(1)])
-        return self.reach_costs.double() + spent
+        return self.cost.exit_costs(open_gates)
 
     @property
     def num_samples(self) -> int:

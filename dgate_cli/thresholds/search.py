@@ -43,6 +43,7 @@ class _Searcher:
     def __init__(self, oc: GateOutcomes):
         self.oc = oc
         self.scores = oc.scores.double()
+        self.cost = oc.cost
         self.reach = oc.reach_costs.double()
         self.gate_costs = oc.gate_costs.double()
         self.correct_all = oc.all_correct()
@@ -55,8 +56,7 @@ class _Searcher:
     # -- evaluation -------------------------------------------------------------------------------
     def costs_for(self, t: torch.Tensor) -> torch.Tensor:
         """``(G + 1,)`` exit costs when the gates with ``t < inf`` are open."""
-        gc = torch.where(t < INF, self.gate_costs, torch.zeros_like(self.gate_costs))
-        return self.reach + torch.cat([gc.cumsum(0), gc.sum().reshape(1)])
+        return self.cost.exit_costs(t < INF)
 
     def _exits(self, t: torch.Tensor) -> torch.Tensor:
         if self.G == 0:

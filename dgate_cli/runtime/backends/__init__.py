@@ -1,1 +1,13 @@
-"""Optional accelerators of the reference path, each measured in benchmarks/RESULTS.md."""
+"""Optional accelerators of the reference path, each a :class:`~dgate_cli.runtime.decisions.Backend`
+measured in ``benchmarks/RESULTS.md`` and tested against the reference with a tolerance."""
+
+from __future__ import annotations
+
+import torch
+
+from ..decisions import Backend
+
+
+def default_backends(device: torch.device) -> list[Backend]:
+    """The backends :func:`dgate_cli.load` uses on ``device`` unless told otherwise: none yet."""
+    return []
