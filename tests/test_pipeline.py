@@ -39,6 +39,7 @@ from dgate_cli.pipeline.export import export
 from dgate_cli.pipeline.extract import ExtractResult, extract
 from dgate_cli.pipeline.fit import fit, read_gates
 from dgate_cli.runtime import manifest
+from dgate_cli.runtime.backends import gate_kernel
 from dgate_cli.runtime.model import GatedModel
 from dgate_cli.thresholds.outcomes import GateOutcomes
 
@@ -594,7 +595,7 @@ def test_bench_command_reports_json_for_each_batch_size(pipe: Pipeline, cached):
         assert r["speedup"] > 0 and r["ideal_speedup"] == pytest.approx(1 / r["flops_ratio"])
         assert len(r["exit_fractions"]) == model.num_gates + 1 and sum(r["exit_fractions"]) == pytest.approx(1.0)
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["backbone_accuracy"] <= 1.0
-    assert "threads" in report["device"] and "malloc" in report["machine"] and report["backends"] == []
+    assert "threads" in report["device"] and "malloc" in report["machine"] and report["backends"] == ([] if gate_kernel.status() != "on" else ["gate kernel"])
     assert all(r["mode"] == "batch" for r in rows)
     streamed = CliRunner().invoke(app, [*args, "--batch-size", "16", "--images", "80", "--stream", "--json"])
     assert streamed.exit_code == 0, (streamed.stderr, streamed.exception)

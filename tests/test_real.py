@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import dgate_cli.evaluation.evaluate
 import pytest
 import torch
 from conftest import CIFAR, R20, R20_GATES, R56, near_threshold, near_tie, needs_shared
 from typer.testing import CliRunner
 
+import dgate_cli.evaluation.evaluate
 from dgate_cli.cache.run import read_run
 from dgate_cli.cache.shards import load_split
 from dgate_cli.cli.app import app

@@ -26,11 +26,14 @@ from .plan import Gate
 
 
 class Decision(NamedTuple):
-    """One gate's decision on a batch: ``outputs`` ``(N, K)`` float32, ``leave`` ``(N,)`` bool, ``pred`` ``(N,)``."""
+    """One gate's decision on a batch: ``outputs`` ``(N, K)`` float32, ``leave`` ``(N,)`` bool, ``pred``
+    ``(N,)``, and ``count``, how many leave, where the decider knows it without a synchronisation.
+    Where ``count`` is 0 a decider may leave ``outputs`` and ``pred`` None: nobody needs them."""
 
-    outputs: torch.Tensor
+    outputs: torch.Tensor | None
     leave: torch.Tensor
-    pred: torch.Tensor
+    pred: torch.Tensor | None
+    count: int | None = None
 
 
 def decide(gate: Gate, h: torch.Tensor, threshold: float, rule: str) -> Decision:

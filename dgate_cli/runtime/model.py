@@ -54,9 +54,18 @@ class _Left(NamedTuple):
     """Samples that finished at one exit: their exit index, rows (positions in the input), outputs, classes."""
 
     exit: int
-    rows: torch.Tensor
+    rows: torch.Tensor | None  # None: every input row, in order
     outputs: torch.Tensor
     pred: torch.Tensor
+
+
+class _Scheduled(NamedTuple):
+    """One step as a forward pass runs it: its module, its gate (None: the last step) and threshold."""
+
+    module: nn.Module
+    gate: int | None
+    threshold: float
+    source: str
 
 
 class GatedModel(nn.Module):
@@ -231,39 +240,52 @@ class GatedModel(nn.Module):
             with torch.inference_mode():
                 return self.forward(x)
         x = self._prepare(x)
-        rows = torch.arange(x.shape[0], device=x.device)
         left: list[_Left] = []
-        h = x
-        for k in range(len(self.plan)):
-            h, rows, done = self._advance(k, h, rows, x)
+        h: torch.Tensor | None = x
+        rows = None  # every input row, in order, until the first sample leaves
+        for step in self._schedule():
+            h, rows, done = self._advance(step, h, rows, x)  # type: ignore[arg-type]
             left += done
-            if not rows.numel():
+            if h is None:
                 break
         return _assemble(x.shape[0], left, x.device)
 
+    def _schedule(self) -> list[_Scheduled]:
+        """The plan with each step's module and its gate's current threshold (``inf``: closed)."""
+        return [
+            _Scheduled(stage, step.gate, math.inf if step.gate is None else self._thresholds[step.gate], step.source)
+            for stage, step in zip(self.stages, self.plan, strict=True)
+        ]
+
     def _advance(
-        self, k: int, h: torch.Tensor, rows: torch.Tensor, x: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, list[_Left]]:
-        """Run step ``k`` on ``rows`` (``h``: the previous step's output for them; ``x``: the
-        original input, for steps that start from it): what goes on (outputs, rows) and who left."""
-        step = self.plan[k]
+        self, step: _Scheduled, h: torch.Tensor, rows: torch.Tensor | None, x: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[_Left]]:
+        """Run one step on ``rows`` (None: every row of the input, in order; ``h``: the previous
+        step's output for them; ``x``: the original input, for steps that start from it). Returns
+        what goes on (outputs, or None when nobody does, and their rows) and who left."""
         if step.source == "input":
-            h = x[rows] if x is not None and rows.numel() != x.shape[0] else x  # type: ignore[assignment]
-        h = self.stages[k](h)
+            h = x if rows is None else x[rows]  # type: ignore[index,assignment]
+        h = step.module(h)
         if step.gate is None:  # the last step answers for everyone left
             out = h.float()
-            return h[:0], rows[:0], [_Left(self.num_gates, rows, out, out.argmax(1))]
-        t = self._thresholds[step.gate]
-        if t == math.inf:
+            return None, None, [_Left(self.num_gates, rows, out, out.argmax(1))]
+        if step.threshold == math.inf:  # closed
             return h, rows, []
-        d = self._decide(step.gate, h, t)
+        d = self._decide(step.gate, h, step.threshold)
+        n = h.shape[0]
+        if d.count == 0:
+            return h, rows, []
+        if d.count == n:
+            return None, None, [_Left(step.gate, rows, d.outputs, d.pred)]
         gone = torch.nonzero(d.leave).squeeze(1)  # the one host synchronisation per open gate
         if not gone.numel():
             return h, rows, []
-        done = [_Left(step.gate, rows[gone], d.outputs[gone], d.pred[gone])]
-        if gone.numel() == rows.numel():
-            return h[:0], rows[:0], done
+        if gone.numel() == n:
+            return None, None, [_Left(step.gate, rows, d.outputs, d.pred)]
+        if rows is None:
+            rows = torch.arange(n, device=h.device)
         stay = torch.nonzero(~d.leave).squeeze(1)
+        done = [_Left(step.gate, rows[gone], d.outputs[gone], d.pred[gone])]  # type: ignore[index]
         return h[stay], rows[stay], done  # indexing keeps a channels-last output channels-last
 
     def _decide(self, g: int, h: torch.Tensor, threshold: float) -> Decision:
@@ -324,14 +346,15 @@ class GatedModel(nn.Module):
         self, queues: list[list[tuple[torch.Tensor, torch.Tensor]]], counts: list[int], size: int, flush: bool
     ) -> Iterator[tuple[torch.Tensor, GatedOutput]]:
         """Run every step, shallow to deep, on each full batch of its queue (any remnant when flushing)."""
+        schedule = self._schedule()
         for k in range(len(queues)):
             while counts[k] >= size or (flush and counts[k] > 0):
                 h, index = _take(queues[k], min(size, counts[k]))
                 counts[k] -= index.shape[0]
-                h, index, done = self._advance(k, h, index, None)
+                h, index, done = self._advance(schedule[k], h, index, None)  # type: ignore[assignment]
                 for d in done:
                     yield d.rows, GatedOutput(d.outputs, d.pred, torch.full_like(d.rows, d.exit))
-                if index.numel():
+                if h is not None:
                     queues[k + 1].append((h, index))
                     counts[k + 1] += index.shape[0]
 
@@ -375,7 +398,7 @@ def _finite_f32(v: float) -> float:
 
 def _assemble(n: int, left: list[_Left], device: torch.device) -> GatedOutput:
     """Put the per-exit results back into input order."""
-    if len(left) == 1:  # everyone left at one exit: rows are in order
+    if len(left) == 1:  # everyone left at one exit (rows None, or all of them in order)
         d = left[0]
         return GatedOutput(d.outputs, d.pred, torch.full((n,), d.exit, dtype=torch.long, device=device))
     rows = torch.cat([d.rows for d in left])

@@ -9,5 +9,9 @@ from ..decisions import Backend
 
 
 def default_backends(device: torch.device) -> list[Backend]:
-    """The backends :func:`dgate_cli.load` uses on ``device`` unless told otherwise: none yet."""
-    return []
+    """The backends :func:`dgate_cli.load` uses on ``device`` unless told otherwise: on a CPU the
+    gate kernel, where the install built it (:mod:`.gate_kernel`)."""
+    from . import gate_kernel
+
+    kernel = gate_kernel.default() if device.type == "cpu" else None
+    return [kernel] if kernel is not None else []

@@ -1,20 +1,16 @@
-/* dgate: decision gates in one call each (see dgate_cli/_native.py).
+/* dgate: a gate's decision in one call (the backend in gate_kernel.py; built by the install).
 
    A gate after a stage is an average pooling over an s x s grid of even windows and a linear
-   layer. In PyTorch that is three to six small operations (pool, product, bias, score, compare,
-   nonzero), and right after a stage each costs 10-40 us on a CPU (the stage has pushed the
-   runtime's code out of the caches); here it is one call: dgate_gate1 for one sample (its score;
-   the outputs stay here for dgate_outputs), dgate_gates for a batch (outputs and who leaves).
+   layer, then the exit rule. The reference (runtime/decisions.py) runs these as several PyTorch
+   operations; here they are one call: dgate_gate1 for one sample (its score; the outputs stay
+   here for dgate_outputs), dgate_gates for a batch (outputs and who leaves). Measured gains are in
+   benchmarks/RESULTS.md.
 
    Plain C99 with GCC vector extensions and fixed float32 arithmetic (no -ffast-math, no fused
-   multiply-add contraction; vectors are only ever added lane by lane), so the bits depend neither
-   on the compiler's choices nor on the instruction set: one sample gives the same outputs alone
-   or in a batch, in NCHW or NHWC order, and GatedModel.gate_outputs, which calls this too, agrees
-   with the runtime exactly. */
-#ifdef DGATE_PYTHON /* built as a CPython extension module (see the end); Python.h goes first */
+   multiply-add contraction): the results depend neither on the compiler's choices nor on the
+   instruction set; against the reference they differ by float rounding (tested with a tolerance). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#endif
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -219,10 +215,7 @@ int dgate_gates(const float *x, int n, const struct dgate_gate *g, float thresho
     return count;
 }
 
-#ifdef DGATE_PYTHON
-/* The same three functions as a CPython extension module (built where Python's headers are):
-   a METH_FASTCALL call costs a fraction of a ctypes one, whose argument conversion and libffi
-   set-up run cold after every stage (~10 us). Pointers come in as Python ints. */
+/* The three functions as a CPython extension module (METH_FASTCALL). Pointers come in as Python ints. */
 
 static int args_ok(Py_ssize_t nargs, Py_ssize_t want, const char *usage)
 {
@@ -279,10 +272,9 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_dgate_gates", NULL, -1, methods, NULL, NULL, NULL, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_gates", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__dgate_gates(void)
+PyMODINIT_FUNC PyInit__gates(void)
 {
     return PyModule_Create(&module);
 }
-#endif

@@ -1,53 +1,43 @@
-"""The gate kernel (``_gates.c``): built with the system C compiler on first use.
+"""The gate kernel backend: a gate's pooling, product, bias, exit rule and threshold in one C call.
 
-A gate in PyTorch is three to six small operations (pool, product, bias, score, compare, nonzero),
-and right after a stage each costs 10-40 us on a CPU (see ``runtime``): ~90 us a gate for one
-sample, ~170-280 us for a batch of 32 CIFAR images, 4-6% of a ResNet-56 with nine gates. The kernel
-does the pooling, the product, the bias, the exit score and the comparison with the threshold in
-one call: ~10-30 us for one sample, ~90-180 us for 32 (most of it reading the stage output).
+Built by the install as the extension module ``_gates`` (``setup.py``; optional: without a C
+compiler or Python's headers the package installs without it and the reference path runs).
+It answers for CPU float32 stage outputs in NCHW or NHWC order, pooled by one average grid of
+even windows, under the ``max`` and ``margin`` rules; for everything else it returns None and the
+reference (:func:`dgate_cli.runtime.decisions.decide`) decides. Its results equal the reference's
+up to float rounding (tested with a tolerance); its gain is measured in ``benchmarks/RESULTS.md``.
+``DGATE_KERNEL=0`` turns it off.
 
-It is compiled once per source, compiler, Python and platform into ``$DGATE_CACHE_DIR`` (default
-``$XDG_CACHE_HOME/dgate`` or ``~/.cache/dgate``) - written under a temporary name, then renamed -
-and loaded as a CPython extension module, or with ctypes where Python's headers are missing or that fails
-(only a file owned by this user and not world-writable). Where that
-fails (no compiler, a read-only cache, not Linux or macOS) or ``DGATE_NATIVE=0`` is set,
-:func:`kernel` returns None and the runtime uses PyTorch: the same decisions up to float rounding.
-:func:`status` says which, for ``dgate bench``.
+Example:
+    >>> status() in ("on", "off (not built: no C compiler or Python headers at install time)", "off (DGATE_KERNEL=0)")
+    True
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.machinery
-import importlib.util
 import os
-import platform
-import shlex
-import shutil
-import subprocess
-import sys
-import sysconfig
-from collections.abc import Callable
-from pathlib import Path
-from typing import NamedTuple
 
-from ..._io import atomic_path
+import numpy as np
+import torch
 
-SOURCE = Path(__file__).with_name("_gates.c")
-# fixed float32 arithmetic (no -ffast-math, no fused multiply-add contraction): the same bits on
-# every build and instruction set, so gate_outputs and the runtime, which both call the kernel,
-# agree exactly; -O3 vectorises the pooling loops
-FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
+from ..decisions import Decision
+from ..plan import Gate
 
+try:
+    from . import _gates  # type: ignore[attr-defined]
+except ImportError:  # built without a compiler or Python's headers
+    _gates = None
 
-class Kernel(NamedTuple):
-    gate: Callable[..., float]  # float dgate_gate1(x, params): one sample's exit score
-    outputs: Callable[..., int]  # int dgate_outputs(dst, k): the k outputs of this thread's last gate() call
-    gates: Callable[..., int]  # int dgate_gates(x, n, params, threshold, z, leave): outputs, who leaves, how many
+RULES = {"max": 0, "margin": 1}
+_TRUE = torch.tensor([True])
+_STAYS = Decision(None, torch.tensor([False]), None, 0)  # type: ignore[arg-type]  # one sample that does not leave
+MAX_VALUES = (
+    1 << 20
+)  # the largest batch (N * C * H * W) the kernel pools, on one thread; PyTorch pools larger ones on all
 
 
-class _Params(ctypes.Structure):  # struct dgate_gate
+class _Params(ctypes.Structure):  # struct dgate_gate in _gates.c
     _fields_ = [
         ("wt", ctypes.c_void_p),
         ("b", ctypes.c_void_p),
@@ -55,136 +45,98 @@ class _Params(ctypes.Structure):  # struct dgate_gate
     ]
 
 
-class Gate(NamedTuple):
-    """One gate bound to the kernel for one stage output shape and layout.
-
-    ``one(x, address)`` scores one sample at data pointer ``x`` (its outputs then go through
-    :func:`outputs`); ``many(x, n, address, threshold, z, leave)`` fills ``z`` ``(n, k)`` float32
-    and ``leave`` ``(n,)`` bytes and returns how many leave (-1: out of memory). Few arguments:
-    each costs ~1 us right after a stage through ctypes (less through the extension module)."""
-
-    one: Callable[..., float]
-    many: Callable[..., int]
-    outputs: Callable[..., int]
-    address: int  # of the parameters
-    k: int
-    keep: tuple  # the parameters and the storages they point into: alive as long as this is
-
-
-def bind(kernel: Kernel, weight, bias, shape: tuple[int, ...], s: int, nhwc: bool, rule: int) -> Gate:
-    """Bind gate weights (a dense float32 CPU tensor ``(k, s*s*C)`` in ``(s, s, C)`` order), bias
-    (``(k,)``) and exit rule (0: max, 1: margin) to float32 CPU stage outputs of ``shape``
-    ``(N, C, H, W)`` (``H`` and ``W`` positive multiples of ``s``), dense in NCHW or (``nhwc``)
-    NHWC order. The caller checks these: the kernel reads raw memory."""
-    _, c, h, w = shape
-    params = _Params(weight.data_ptr(), bias.data_ptr(), c, h, w, s, int(nhwc), weight.shape[0], rule)
-    keep = (params, weight.untyped_storage(), bias.untyped_storage())
-    k = weight.shape[0]
-    return Gate(kernel.gate, kernel.gates, kernel.outputs, ctypes.addressof(params), k, keep)
-
-
-_state: dict[str, object] = {}  # "kernel": Kernel | None, "status": str
-
-
-def kernel() -> Kernel | None:
-    """The compiled kernel, or None where it cannot be had (see :func:`status`). Built once per
-    process, on the first call."""
-    if "status" not in _state:
-        _state["kernel"], _state["status"] = _load()
-    return _state["kernel"]  # type: ignore[return-value]
-
-
 def status() -> str:
-    """``on``, ``on (through ctypes: why)`` or ``off (why)``: whether the gates use the kernel in
-    this process, and how it is called."""
-    kernel()
-    return str(_state["status"])
+    """``on``, or ``off (why)``: whether :func:`default` gives the kernel in this process."""
+    if _gates is None:
+        return "off (not built: no C compiler or Python headers at install time)"
+    if os.environ.get("DGATE_KERNEL", "").strip().lower() in ("0", "off", "false", "no"):
+        return "off (DGATE_KERNEL=0)"
+    return "on"
 
 
-def reset() -> None:
-    """Forget the loaded kernel (tests; the next :func:`kernel` call looks again)."""
-    _state.clear()
+def default() -> GateKernel | None:
+    """The kernel backend where it is built and not turned off, else None."""
+    return GateKernel() if status() == "on" else None
 
 
-def _load() -> tuple[Kernel | None, str]:
-    if os.environ.get("DGATE_NATIVE", "").strip().lower() in ("0", "off", "false", "no"):
-        return None, "off (DGATE_NATIVE=0)"
-    if sys.platform not in ("linux", "darwin"):
-        return None, f"off (not built on {sys.platform})"
-    cc = shlex.split(os.environ.get("CC") or "cc")  # CC may carry arguments ("ccache gcc")
-    if not cc or shutil.which(cc[0]) is None:
-        return None, f"off (no C compiler: {' '.join(cc)!r} not found; install one or set CC)"
-    try:
-        return _build(cc)
-    except Exception as e:  # noqa: BLE001 - whatever goes wrong here, PyTorch does the work instead
-        return None, f"off ({e})"
+class GateKernel:
+    """The backend: :meth:`decide` for the stage outputs the kernel supports, None for the others."""
+
+    name = "gate kernel"
+
+    def __init__(self) -> None:
+        if _gates is None:
+            raise RuntimeError(status())
+        self._bound: dict[tuple, tuple] = {}  # per gate and stage output shape: (params, what it points into)
+
+    def decide(self, g: int, gate: Gate, h: torch.Tensor, threshold: float, rule: str) -> Decision | None:
+        key = (g, h.shape, h.stride(), h.dtype, h.is_cpu, h.requires_grad, rule)
+        bound = self._bound.get(key)
+        w, b = gate.weight, gate.bias
+        signature = (w.data_ptr(), b.data_ptr(), _version(w), _version(b))  # changed by any edit of the gate
+        if bound is None or bound[3] != signature:
+            if len(self._bound) > 1024:  # one entry per gate and shape seen: keep it bounded
+                self._bound.clear()
+            bound = self._bound[key] = (*self._bind(gate, h, rule), signature)
+        if bound[0] is None:
+            return None
+        address, k = bound[0], bound[1]
+        n = h.shape[0]
+        if n == 1:
+            if _gates.gate(h.data_ptr(), address) < threshold:
+                return _STAYS  # nobody leaves: no outputs or classes needed
+            z = np.empty((1, k), dtype=np.float32)
+            if _gates.outputs(z.ctypes.data, k) != k:
+                raise MemoryError("the gate kernel has no outputs (out of memory?); set DGATE_KERNEL=0")
+            return Decision(torch.from_numpy(z), _TRUE, torch.from_numpy(z.argmax(1)), 1)
+        z = np.empty((n, k), dtype=np.float32)
+        leave = np.empty(n, dtype=np.bool_)  # one byte each, 0 or 1: the kernel's unsigned chars
+        count = _gates.gates(h.data_ptr(), n, address, threshold, z.ctypes.data, leave.ctypes.data)
+        if count < 0:
+            raise MemoryError("the gate kernel could not allocate its buffer (out of memory?); set DGATE_KERNEL=0")
+        pred = torch.from_numpy(z.argmax(1)) if count else None
+        return Decision(torch.from_numpy(z), torch.from_numpy(leave), pred, count)
+
+    @staticmethod
+    def _bind(gate: Gate, h: torch.Tensor, rule: str) -> tuple:
+        """The kernel's parameters for ``gate`` on outputs like ``h``: (their address, K, what they
+        point into), or (None, 0, None) where the kernel does not apply."""
+        pooling = gate.pooling
+        if (
+            rule not in RULES
+            or gate.layout != "nchw"
+            or pooling.ops != ("avg",)
+            or len(pooling.sizes) != 1
+            or not h.is_cpu
+            or h.dtype != torch.float32
+            or h.dim() != 4
+            or h.requires_grad
+            or not h.numel()
+            or (h.shape[0] > 1 and h.numel() > MAX_VALUES)
+            or gate.weight.dtype != torch.float32
+            or not gate.weight.is_cpu
+        ):
+            return None, 0, None
+        s = pooling.sizes[0]
+        _, c, height, width = h.shape
+        nhwc = not h.is_contiguous()
+        if height % s or width % s or (nhwc and not h.is_contiguous(memory_format=torch.channels_last)):
+            return None, 0, None
+        w, b = gate.weight, gate.bias
+        if w.shape[1] != c * s * s:
+            return None, 0, None
+        # the weights in (s, s, C) order, the kernel's; the parameters point into these copies
+        wt = w.detach().view(w.shape[0], c, s, s).permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous().clone()
+        bc = b.detach().contiguous().clone()
+        params = _Params(wt.data_ptr(), bc.data_ptr(), c, height, width, s, int(nhwc), w.shape[0], RULES[rule])
+        return ctypes.addressof(params), w.shape[0], (params, wt, bc)
+
+    def __getstate__(self) -> dict:  # bindings point into this process's memory
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._bound = {}
 
 
-def _build(cc: list[str]) -> tuple[Kernel, str]:
-    """Compile (once per source, compiler, flags, Python and platform) and load the kernel: as a
-    CPython extension module where Python's headers are, else - or if that fails - as a plain
-    library through ctypes (each call ~5-10 us dearer right after a stage). Raises with the reason."""
-    paths = sysconfig.get_paths()
-    include = paths.get("include") or ""
-    if include and Path(include, "Python.h").is_file():
-        flags = ["-DDGATE_PYTHON", f"-I{include}"]
-        if paths.get("platinclude") and paths["platinclude"] != include:  # pyconfig.h may live there
-            flags.append(f"-I{paths['platinclude']}")
-        if sys.platform == "darwin":  # the interpreter's symbols are found when the module loads
-            flags += ["-undefined", "dynamic_lookup"]
-        try:
-            module = _load_extension(_compile(cc, flags))
-            return Kernel(module.gate, module.outputs, module.gates), "on"
-        except Exception as e:  # noqa: BLE001 - ctypes next
-            why = f"the extension module failed: {e}"
-    else:
-        why = f"no Python.h in {include!r}"
-    dll = ctypes.CDLL(str(_compile(cc, [])))
-    gate = dll.dgate_gate1
-    gate.restype = ctypes.c_float
-    gate.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    outputs = dll.dgate_outputs
-    outputs.restype = ctypes.c_int
-    outputs.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    gates = dll.dgate_gates
-    gates.restype = ctypes.c_int
-    gates.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
-    return Kernel(gate, outputs, gates), f"on (through ctypes: {why})"
-
-
-def _compile(cc: list[str], extra: list[str]) -> Path:
-    """The cached library for these flags, compiled first if it is not there; raises with the
-    compiler's error line, or if the file is not ours or is writable by anyone."""
-    flags = [*FLAGS, *extra]
-    abi = (sysconfig.get_config_var("EXT_SUFFIX") or "") if extra else ""  # an extension is Python-specific
-    tag = " ".join([*cc, *flags, sys.platform, platform.machine(), abi])
-    digest = hashlib.sha256(SOURCE.read_bytes() + tag.encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"gates-{digest}.so"
-    if not lib.exists():
-        with atomic_path(lib) as tmp:  # a failed or interrupted build leaves nothing behind
-            done = subprocess.run(
-                [*cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120, check=False
-            )
-            if done.returncode != 0:
-                lines = done.stderr.strip().splitlines()
-                why = next((ln for ln in lines if "error" in ln), lines[0] if lines else "no message")
-                raise RuntimeError(f"{' '.join(cc)} failed: {why.strip()[:300]}")
-    st = lib.stat()
-    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o002):
-        raise RuntimeError(f"{lib} is not owned by this user or is world-writable; remove it")
-    return lib
-
-
-def _load_extension(lib: Path):
-    loader = importlib.machinery.ExtensionFileLoader("_dgate_gates", str(lib))
-    spec = importlib.util.spec_from_file_location("_dgate_gates", str(lib), loader=loader)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    loader.exec_module(module)
-    return module
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("DGATE_CACHE_DIR"):
-        return Path(os.environ["DGATE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dgate"
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version
