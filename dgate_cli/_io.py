@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -81,6 +82,22 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     return str(obj)
+
+
+class AsDict:
+    """Mixin for result dataclasses: ``to_dict()`` is the fields as strict-JSON-ready values.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class R(AsDict):
+        ...     t: float
+        >>> R(float("inf")).to_dict()
+        {'t': 'inf'}
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})  # type: ignore[arg-type]
 
 
 def dumps(obj: Any) -> str:

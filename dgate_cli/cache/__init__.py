@@ -1,4 +1,18 @@
-"""The run directory and its feature cache: run.json, shards and their index, the lock."""
+"""The run directory and its feature cache: run.json, shards and their index, the lock.
+
+::
+
+    RUN_DIR/run.json                        what was extracted: model, weights sha256, gates, pooling,
+                                            preprocessing, classes, stage and gate costs
+    RUN_DIR/cache/<split>/index.json        data spec, file-list fingerprint, shards done so far
+    RUN_DIR/cache/<split>/shard-NNNNN.safetensors
+                                            features.<gate> (N, D), logits (N, K), labels (N,), index (N,)
+    RUN_DIR/gates.safetensors, gates.json   written by ``dgate fit``
+    RUN_DIR/calibration.json                written by ``dgate calibrate``
+    RUN_DIR/.dgate.lock                     held by the dgate process writing the directory
+
+Every file is written to a temporary name and renamed, and ``index.json`` lists a shard only after
+the shard is complete, so an interrupted extraction resumes from its last complete shard."""
 
 from __future__ import annotations
 

@@ -1,17 +1,5 @@
-"""The run directory and its feature cache: layout, fingerprints, shard reading and writing.
-
-::
-
-    RUN_DIR/run.json                        what was extracted: model, weights sha256, gates, pooling,
-                                            preprocessing, classes, stage and gate costs
-    RUN_DIR/cache/<split>/index.json        data spec, file-list fingerprint, shards done so far
-    RUN_DIR/cache/<split>/shard-NNNNN.safetensors
-                                            features.<gate> (N, D), logits (N, K), labels (N,), index (N,)
-    RUN_DIR/gates.safetensors, gates.json   written by ``dgate fit``
-    RUN_DIR/calibration.json                written by ``dgate calibrate``
-
-Every file is written to a temporary name and renamed, and ``index.json`` lists a shard only after
-the shard is complete, so an interrupted extraction resumes from its last complete shard."""
+"""The run directory's lock (``RUN_DIR/.dgate.lock``): one dgate process writes a run directory at
+a time (the layout is in :mod:`dgate_cli.cache`)."""
 
 from __future__ import annotations
 

@@ -1,17 +1,5 @@
-"""The run directory and its feature cache: layout, fingerprints, shard reading and writing.
-
-::
-
-    RUN_DIR/run.json                        what was extracted: model, weights sha256, gates, pooling,
-                                            preprocessing, classes, stage and gate costs
-    RUN_DIR/cache/<split>/index.json        data spec, file-list fingerprint, shards done so far
-    RUN_DIR/cache/<split>/shard-NNNNN.safetensors
-                                            features.<gate> (N, D), logits (N, K), labels (N,), index (N,)
-    RUN_DIR/gates.safetensors, gates.json   written by ``dgate fit``
-    RUN_DIR/calibration.json                written by ``dgate calibrate``
-
-Every file is written to a temporary name and renamed, and ``index.json`` lists a shard only after
-the shard is complete, so an interrupted extraction resumes from its last complete shard."""
+"""``RUN_DIR/run.json``: what a run directory's cache was extracted with, its identity and its
+format version (the layout is in :mod:`dgate_cli.cache`)."""
 
 from __future__ import annotations
 
@@ -23,12 +11,6 @@ from typing import Any
 from .. import _io
 from .._version import __version__
 from ..errors import CacheMismatchError, MissingFileError
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock
-    fcntl = None  # type: ignore[assignment]
-
 
 FORMAT_VERSION = 2
 

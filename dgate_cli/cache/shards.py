@@ -1,17 +1,6 @@
-"""The run directory and its feature cache: layout, fingerprints, shard reading and writing.
-
-::
-
-    RUN_DIR/run.json                        what was extracted: model, weights sha256, gates, pooling,
-                                            preprocessing, classes, stage and gate costs
-    RUN_DIR/cache/<split>/index.json        data spec, file-list fingerprint, shards done so far
-    RUN_DIR/cache/<split>/shard-NNNNN.safetensors
-                                            features.<gate> (N, D), logits (N, K), labels (N,), index (N,)
-    RUN_DIR/gates.safetensors, gates.json   written by ``dgate fit``
-    RUN_DIR/calibration.json                written by ``dgate calibrate``
-
-Every file is written to a temporary name and renamed, and ``index.json`` lists a shard only after
-the shard is complete, so an interrupted extraction resumes from its last complete shard."""
+"""One split's feature cache (``RUN_DIR/cache/<split>/``): its ``index.json``, the shards written on
+a background thread, checks for damaged shards, and reading a split back (the layout is in
+:mod:`dgate_cli.cache`)."""
 
 from __future__ import annotations
 
@@ -30,12 +19,6 @@ from .. import _io
 from .._version import __version__
 from ..errors import CacheMismatchError, NotFittedError
 from .run import read_run
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock
-    fcntl = None  # type: ignore[assignment]
-
 
 CACHE_DIR = "cache"
 

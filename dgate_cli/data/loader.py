@@ -1,9 +1,6 @@
-"""Data specs -> datasets of ``uint8`` images, with a fingerprint of the files they read.
-
-A data spec is either a path to an ImageFolder directory (``ROOT/<class>/<image>``), or
-``cifar10:ROOT:train`` / ``cifar10:ROOT:test`` for torchvision's CIFAR-10 files already on disk
-(``ROOT/cifar-10-batches-py``). Samples are returned in a fixed order (sorted by class, then
-relative path), so sample ``i`` is the same image in every run."""
+"""Batching a dataset (:mod:`.datasets`) in its fixed sample order: :func:`make_loader` yields
+``(uint8 images, labels, index)``, :func:`spread` picks an even subset, and :func:`iterate` turns
+errors from worker processes back into one-line dgate errors."""
 
 from __future__ import annotations
 

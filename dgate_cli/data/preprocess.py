@@ -8,6 +8,7 @@ arithmetic of torchvision's ``ImageClassification`` transform (``x / 255``, ``- 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -108,6 +109,42 @@ class Preprocess:
         if self.crop is not None:
             img = TF.center_crop(img, [self.crop])
         return TF.pil_to_tensor(img)
+
+    def __call__(self, images: Image.Image | torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
+        """The model input for ``images``, as torchvision's ``weights.transforms()`` gives it.
+
+        A PIL image or a ``uint8`` CHW tensor gives a float CHW tensor; a list of PIL images or a
+        ``uint8`` NCHW batch gives a float NCHW batch (resized, cropped and normalised).
+
+        Example:
+            >>> p = Preprocess(crop=24, mean=(0.5,) * 3, std=(0.5,) * 3)
+            >>> p(Image.new("RGB", (32, 32), (255, 0, 0))).shape
+            torch.Size([3, 24, 24])
+            >>> p(Image.new("RGB", (32, 32), (255, 0, 0)))[:, 0, 0].tolist()
+            [1.0, -1.0, -1.0]
+        """
+        if isinstance(images, Image.Image):
+            return self.normalize(self.from_pil(images)[None])[0]
+        if isinstance(images, torch.Tensor):
+            if images.dtype != torch.uint8 or images.dim() not in (3, 4):
+                raise DataError(
+                    f"preprocess takes uint8 images (CHW or NCHW), got a {images.dtype} tensor of shape "
+                    f"{tuple(images.shape)}; pass PIL images or uint8 pixels"
+                )
+            batch = self._resize_crop(images if images.dim() == 4 else images[None])
+            out = self.normalize(batch)
+            return out if images.dim() == 4 else out[0]
+        images = list(images)
+        if not images or not all(isinstance(im, Image.Image) for im in images):
+            raise DataError("preprocess takes a PIL image, a list of PIL images or a uint8 tensor")
+        return self.normalize(torch.stack([self.from_pil(im) for im in images]))
+
+    def _resize_crop(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.resize is not None:
+            batch = TF.resize(batch, [self.resize], interpolation=_INTERPOLATIONS[self.interpolation], antialias=True)
+        if self.crop is not None:
+            batch = TF.center_crop(batch, [self.crop])
+        return batch
 
     def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Turn a ``uint8`` NCHW batch into the normalised float input, on the batch's device."""

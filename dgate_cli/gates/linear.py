@@ -6,21 +6,19 @@ trained with the squared hinge loss and L2 regularisation (the objective of scik
 (scaled) distance to each class boundary. ``LinearGate(loss="ce")`` is multinomial logistic
 regression (softmax + cross-entropy; bias not penalised, as scikit-learn's ``LogisticRegression``).
 Both are solved full-batch with L-BFGS on standardised features; :meth:`LinearGate.folded` folds the
-standardisation back into the weights for export.
-
-Scores: how a gate's outputs become one confidence per sample (the exit rule compares it with the
-gate's threshold): ``max`` (largest distance; the paper's rule), ``margin`` (largest minus second
-largest), ``softmax`` (largest softmax probability) and ``entropy`` (minus the softmax entropy)."""
+standardisation back into the weights for export."""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .._io import AsDict
 from ..errors import NotFittedError, SpecError
 
 LOSSES = ("hinge", "ce")
@@ -76,6 +74,42 @@ class LinearGate:
         self.tol = tol
         self.standardize = standardize
         self.device = device
+
+    # -- scikit-learn's estimator contract ----------------------------------------------------------
+    _PARAMS = ("loss", "C", "max_iter", "tol", "standardize", "device")
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor arguments, as scikit-learn's ``clone`` and grid searches read them.
+
+        Example:
+            >>> LinearGate(C=0.1).get_params()["C"]
+            0.1
+        """
+        return {name: getattr(self, name) for name in self._PARAMS}
+
+    def set_params(self, **params: Any) -> LinearGate:
+        """Set constructor arguments (checked when :meth:`fit` runs); returns ``self``.
+
+        Example:
+            >>> LinearGate().set_params(loss="ce", C=0.01)
+            LinearGate(loss='ce', C=0.01)
+        """
+        for name, value in params.items():
+            if name not in self._PARAMS:
+                raise SpecError(
+                    f"Invalid parameter {name!r} for estimator LinearGate. Valid parameters are: {', '.join(self._PARAMS)}."
+                )
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = LinearGate.__init__.__defaults__ or ()
+        changed = [
+            f"{name}={getattr(self, name)!r}"
+            for name, default in zip(self._PARAMS, defaults, strict=True)
+            if getattr(self, name) != default
+        ]
+        return f"LinearGate({', '.join(changed)})"
 
     # -- fitting ----------------------------------------------------------------------------------
     def fit(
@@ -187,7 +221,7 @@ class LinearGate:
 
 
 @dataclass(frozen=True)
-class CSearch:
+class CSearch(AsDict):
     """The outcome of choosing C on a held-out part of the training data."""
 
     C: float

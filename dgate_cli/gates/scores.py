@@ -1,16 +1,8 @@
-"""Gate estimators: one linear layer on pooled stage features, with a scikit-learn-like contract.
+"""Gate scores: how a gate's outputs become one confidence and one class per sample, which the exit
+rule compares with the gate's threshold.
 
-``LinearGate(loss="hinge")`` is the d-gate: K one-vs-all linear SVMs sharing the feature matrix,
-trained with the squared hinge loss and L2 regularisation (the objective of scikit-learn's
-``LinearSVC(loss="squared_hinge")``, bias penalised as liblinear does), so ``w·x + b`` is a signed
-(scaled) distance to each class boundary. ``LinearGate(loss="ce")`` is multinomial logistic
-regression (softmax + cross-entropy; bias not penalised, as scikit-learn's ``LogisticRegression``).
-Both are solved full-batch with L-BFGS on standardised features; :meth:`LinearGate.folded` folds the
-standardisation back into the weights for export.
-
-Scores: how a gate's outputs become one confidence per sample (the exit rule compares it with the
-gate's threshold): ``max`` (largest distance; the paper's rule), ``margin`` (largest minus second
-largest), ``softmax`` (largest softmax probability) and ``entropy`` (minus the softmax entropy)."""
+``max`` (largest output; the paper's rule), ``margin`` (largest minus second largest), ``softmax``
+(largest softmax probability) and ``entropy`` (minus the softmax entropy)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""Model specs -> frozen backbones that know their stages.
-
-A model is named by a spec string:
-
-- ``cifar_resnet20|32|44|56|110``: CIFAR ResNets with option-A shortcuts;
-- ``torchvision:NAME`` or just ``NAME``: any torchvision classification model (``resnet50``, ``vit_b_16``);
-- ``package.module:factory``: a user's function returning an ``nn.Module`` (keyword arguments from
-  ``model_kwargs``);
-- ``demo_cnn``: the small CNN of ``dgate demo``.
+"""Building a frozen backbone from a model spec (:mod:`.specs`): the module, its weights, its
+preprocessing and its stage graph, with the default gate positions.
 
 Weights come from a ``.safetensors`` or ``torch.save`` file (read with ``weights_only=True``), or a
 torchvision weights name such as ``torchvision:DEFAULT`` or ``torchvision:IMAGENET1K_V2``."""
@@ -162,7 +155,7 @@ class Backbone:
         A family's declared defaults are kept ("family default (NAME)"). A model without declared
         defaults gets gates spread over it by cost: for each ``k/9`` of its MACs the nearest cut point
         that pools to at most 1024 features, none past 17/18 (94.4%) of the MACs
-        (:func:`dgate_cli.models.registry.spread_by_cost`), counted at ``input_size``.
+        (:func:`dgate_cli.models.families.spread_by_cost`), counted at ``input_size``.
 
         Example:
             >>> bb = build_backbone("cifar_resnet20")

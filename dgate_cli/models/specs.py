@@ -1,15 +1,10 @@
-"""Model specs -> frozen backbones that know their stages.
-
-A model is named by a spec string:
+"""Model specs: the strings that name a backbone, parsed to :class:`ModelSpec`.
 
 - ``cifar_resnet20|32|44|56|110``: CIFAR ResNets with option-A shortcuts;
 - ``torchvision:NAME`` or just ``NAME``: any torchvision classification model (``resnet50``, ``vit_b_16``);
 - ``package.module:factory``: a user's function returning an ``nn.Module`` (keyword arguments from
   ``model_kwargs``);
-- ``demo_cnn``: the small CNN of ``dgate demo``.
-
-Weights come from a ``.safetensors`` or ``torch.save`` file (read with ``weights_only=True``), or a
-torchvision weights name such as ``torchvision:DEFAULT`` or ``torchvision:IMAGENET1K_V2``."""
+- ``demo_cnn``: the small CNN of ``dgate demo``."""
 
 from __future__ import annotations
 

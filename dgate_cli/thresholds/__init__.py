@@ -1,4 +1,9 @@
-"""Choosing thresholds: outcomes and costs, the search, the frontier, guarantees. Pure tensor maths, no IO."""
+"""Choosing gate thresholds: pure tensor maths, no IO.
+
+:mod:`.outcomes` holds what each calibration sample does at each gate, :mod:`.cost` what leaving at
+each exit costs, :mod:`.search` the cheapest thresholds for an accuracy target (the algorithm is
+described there), :mod:`.frontier` the accuracy/cost frontier and :mod:`.guarantees` thresholds
+whose target holds on new data."""
 
 from __future__ import annotations
 

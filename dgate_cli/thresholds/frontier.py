@@ -1,24 +1,5 @@
-"""Choosing gate thresholds: pure tensor maths, no IO.
-
-A sample exits at the first gate ``g`` whose score reaches the threshold (``score >= t_g``),
-predicting that gate's class; a sample no gate takes pays the whole backbone. Given, for a
-calibration split, every sample's score and correctness at every gate, :func:`search` finds the
-thresholds with the lowest mean cost subject to ``accuracy >= target``.
-
-The search combines three exact moves. With the other thresholds fixed, the best threshold of one
-gate is found by sorting the samples that reach it by score and scanning every cut with prefix sums
-(O(N log N)); the best pair of thresholds for two gates is found by scanning every combination of
-cuts with a masked prefix-sum matrix (O(N^2), in chunks). A Lagrangian continuation (minimise
-``cost - lam * correct`` for decreasing ``lam``) spreads the accuracy budget across gates and gives
-starting points; coordinate descent from them, then block descent over pairs of gates (all pairs up
-to five gates, neighbouring pairs beyond), finishes. For two gates the result is the exact optimum;
-for three it is at least as cheap as an exhaustive search over a fine grid (tested); the paper's
-sequential rule is the first sweep from all gates closed, so the search never does worse.
-Thresholds are float32 numbers, as the runtime compares float32 scores with float32 thresholds:
-each sits between two consecutive distinct scores (at the float32 nearest their midpoint, moved
-off the lower score where the two are a few ulps apart), and every accuracy the search promises is
-checked with exactly that comparison before it is returned. Costs charge only open gates, as the
-runtime skips closed ones."""
+"""The accuracy-cost frontier: the cheapest operating point at each accuracy drop below the backbone's
+(the search itself is in :mod:`.search`)."""
 
 from __future__ import annotations
 
@@ -42,6 +23,13 @@ class Frontier:
 
     def to_list(self) -> list[dict[str, Any]]:
         return [p.to_dict() for p in self.points]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"points": self.to_list()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Frontier:
+        return cls([OperatingPoint.from_dict(p) for p in d["points"]])
 
 
 DEFAULT_DROPS = (0.0, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2)  # fractions of accuracy

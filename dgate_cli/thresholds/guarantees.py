@@ -1,24 +1,8 @@
-"""Choosing gate thresholds: pure tensor maths, no IO.
+"""Thresholds whose accuracy target holds on new data, not only on the calibration split.
 
-A sample exits at the first gate ``g`` whose score reaches the threshold (``score >= t_g``),
-predicting that gate's class; a sample no gate takes pays the whole backbone. Given, for a
-calibration split, every sample's score and correctness at every gate, :func:`search` finds the
-thresholds with the lowest mean cost subject to ``accuracy >= target``.
-
-The search combines three exact moves. With the other thresholds fixed, the best threshold of one
-gate is found by sorting the samples that reach it by score and scanning every cut with prefix sums
-(O(N log N)); the best pair of thresholds for two gates is found by scanning every combination of
-cuts with a masked prefix-sum matrix (O(N^2), in chunks). A Lagrangian continuation (minimise
-``cost - lam * correct`` for decreasing ``lam``) spreads the accuracy budget across gates and gives
-starting points; coordinate descent from them, then block descent over pairs of gates (all pairs up
-to five gates, neighbouring pairs beyond), finishes. For two gates the result is the exact optimum;
-for three it is at least as cheap as an exhaustive search over a fine grid (tested); the paper's
-sequential rule is the first sweep from all gates closed, so the search never does worse.
-Thresholds are float32 numbers, as the runtime compares float32 scores with float32 thresholds:
-each sits between two consecutive distinct scores (at the float32 nearest their midpoint, moved
-off the lower score where the two are a few ulps apart), and every accuracy the search promises is
-checked with exactly that comparison before it is returned. Costs charge only open gates, as the
-runtime skips closed ones."""
+:func:`search_confident` makes the target hold with a stated probability (learn, then test, with
+Clopper-Pearson bounds); :func:`search_reserved` keeps a reserve of ``z`` standard deviations of
+the discordant samples (:func:`reserve`) above the target."""
 
 from __future__ import annotations
 

@@ -1,24 +1,9 @@
-"""Choosing gate thresholds: pure tensor maths, no IO.
+"""Calibration outcomes and operating points: what every sample does at every gate, and what a
+choice of thresholds gives.
 
 A sample exits at the first gate ``g`` whose score reaches the threshold (``score >= t_g``),
-predicting that gate's class; a sample no gate takes pays the whole backbone. Given, for a
-calibration split, every sample's score and correctness at every gate, :func:`search` finds the
-thresholds with the lowest mean cost subject to ``accuracy >= target``.
-
-The search combines three exact moves. With the other thresholds fixed, the best threshold of one
-gate is found by sorting the samples that reach it by score and scanning every cut with prefix sums
-(O(N log N)); the best pair of thresholds for two gates is found by scanning every combination of
-cuts with a masked prefix-sum matrix (O(N^2), in chunks). A Lagrangian continuation (minimise
-``cost - lam * correct`` for decreasing ``lam``) spreads the accuracy budget across gates and gives
-starting points; coordinate descent from them, then block descent over pairs of gates (all pairs up
-to five gates, neighbouring pairs beyond), finishes. For two gates the result is the exact optimum;
-for three it is at least as cheap as an exhaustive search over a fine grid (tested); the paper's
-sequential rule is the first sweep from all gates closed, so the search never does worse.
-Thresholds are float32 numbers, as the runtime compares float32 scores with float32 thresholds:
-each sits between two consecutive distinct scores (at the float32 nearest their midpoint, moved
-off the lower score where the two are a few ulps apart), and every accuracy the search promises is
-checked with exactly that comparison before it is returned. Costs charge only open gates, as the
-runtime skips closed ones."""
+predicting that gate's class; a sample no gate takes pays the whole backbone. Thresholds are
+float32 numbers compared with float32 scores, as the runtime compares them (:func:`between`)."""
 
 from __future__ import annotations
 
@@ -47,8 +32,7 @@ class GateOutcomes:
             whole backbone.
         gate_costs: ``(G,)`` cost of evaluating each gate.
 
-    The search charges every gate; :meth:`evaluate` charges only open gates (``t < inf``), as the
-    runtime skips closed ones, so reported costs are exact and never above the searched ones.
+    Costs charge only open gates (``t < inf``), as the runtime skips closed ones.
     """
 
     scores: torch.Tensor
@@ -59,7 +43,7 @@ class GateOutcomes:
 
     def __post_init__(self) -> None:
         if self.scores.is_floating_point() and self.scores.dtype != torch.float32:
-            # the runtime's scores are float32: compare as it does (see the module docstring)
+            # the runtime's scores are float32: compare as it does (see :mod:`.search`)
             object.__setattr__(self, "scores", self.scores.float())
         if self.scores.dim() != 2:
             raise SpecError(f"gate outcomes need scores of shape (N, G), got {tuple(self.scores.shape)}")

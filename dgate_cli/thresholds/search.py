@@ -1,4 +1,4 @@
-"""Choosing gate thresholds: pure tensor maths, no IO.
+"""The threshold search: the cheapest gate thresholds that reach an accuracy target.
 
 A sample exits at the first gate ``g`` whose score reaches the threshold (``score >= t_g``),
 predicting that gate's class; a sample no gate takes pays the whole backbone. Given, for a

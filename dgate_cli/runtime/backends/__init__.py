@@ -1,5 +1,6 @@
-"""Optional accelerators of the reference path, each a :class:`~dgate_cli.runtime.decisions.Backend`
-measured in ``benchmarks/RESULTS.md`` and tested against the reference with a tolerance."""
+"""Optional accelerators of the reference decision path, each a
+:class:`~dgate_cli.runtime.decisions.Backend` tested against the reference with a tolerance
+(measured in ``benchmarks/RESULTS.md``)."""
 
 from __future__ import annotations
 

@@ -1,17 +1,10 @@
 """glibc malloc tuning for inference: reuse freed activation buffers instead of page-faulting new ones.
 
-glibc serves allocations above its mmap threshold (128 KiB, raised dynamically up to 32 MiB) with
-fresh ``mmap`` pages and gives freed heap tops back to the OS (``M_TRIM_THRESHOLD``). A network
-allocates and frees the same activation sizes at every layer, so every large activation is
-page-faulted in again, 4 KiB at a time: on a 2-core EPYC that made a CIFAR ResNet-56 ``layer1``
-block at batch 32 take 9 ms instead of 3.4 ms, twice the time per MAC of the later stages, and a
-whole forward pass ~1.3x slower (see ``benchmarks/RESULTS.md``). Raising both thresholds keeps those buffers in the heap for reuse, as
-``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` or jemalloc/tcmalloc would. The price: the
-process keeps its peak heap instead of returning it to the OS.
-
-The ``dgate`` command line applies it at start-up (``DGATE_MALLOC=system`` leaves malloc alone);
-the library never does it by itself: call :func:`tune_malloc` in your own server if you want it.
-"""
+:func:`tune_malloc` raises glibc's mmap and trim thresholds (as ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` would), so the activation buffers a network frees at every layer stay in
+the heap for reuse (measured in ``benchmarks/RESULTS.md``); the process keeps its peak heap instead
+of returning it to the OS. The ``dgate`` command line applies it at start-up (``DGATE_MALLOC=system``
+leaves malloc alone); the library does not: call :func:`tune_malloc` in your own server to get it."""
 
 from __future__ import annotations
 
