@@ -171,7 +171,7 @@ def test_each_command_has_its_own_help(name: str):
         ("fit", ["--loss", "--C", "--target", "--holdout", "--json"]),
         ("calibrate", ["--max-drop", "--target-acc", "--split", "--score", "--gates", "--json"]),
         ("export", ["--out", "--overwrite", "--json"]),
-        ("evaluate", ["--data", "--batch-size", "--limit", "--json"]),
+        ("evaluate", ["--data", "--batch-size", "--images", "--max-drop", "--thresholds", "--no-verify", "--json"]),
         ("stages", ["--all", "--json", "--weights"]),
         ("models", []),
         ("demo", ["--epochs", "--max-drop", "--json"]),
@@ -418,6 +418,43 @@ def test_export_then_evaluate_through_the_cli(tmp_path, calibrated, data):
     assert report["backbone_accuracy"] == pytest.approx(cal["backbone_accuracy"], abs=slack + 1e-12)
 
 
+def test_evaluate_picks_another_operating_point(tmp_path, calibrated, data):
+    out = tmp_path / "model"
+    assert invoke("export", calibrated, "--out", out, "--json").exit_code == 0
+    manifest = json.loads((out / "dgate.json").read_text())
+    gates = len(manifest["gates"])
+    args = ("evaluate", out, "--data", data["val"], "--workers", "0", "--json")
+    result = invoke(*args, "--thresholds", ",".join(["inf"] * gates))
+    assert result.exit_code == 0, result.stderr
+    closed = json.loads(result.stdout)
+    assert closed["thresholds"] == ["inf"] * gates
+    assert closed["exit_fractions"]["backbone"] == 1.0 and closed["accuracy"] == closed["backbone_accuracy"]
+    result = invoke(*args, "--max-drop", "1.0")  # every stored point qualifies: the cheapest is taken
+    assert result.exit_code == 0, result.stderr
+    cheapest = min(manifest["frontier"], key=lambda p: p["mean_cost"])
+    assert json.loads(result.stdout)["thresholds"] == cheapest["thresholds"]
+    err = one_line_error(invoke(*args, "--thresholds", "1.0"))
+    assert f"expected {gates} thresholds (one per gate), got 1" in err
+    assert "not both" in invoke(*args, "--thresholds", "inf", "--max-drop", "0.01").stderr
+
+
+def test_options_are_the_same_kind_everywhere():
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    for name, command in commands.items():
+        params = {opt: p for p in command.params for opt in p.opts}
+        assert "--json" in params, f"dgate {name} has no --json"
+        assert "--limit" not in params, f"dgate {name}: how many images is --images"
+        if "--device" in params:
+            assert params["--device"].default == "auto", f"dgate {name} --device defaults to {params['--device'].default}"
+        if "--batch-size" in params:
+            assert params["--batch-size"].opts == ["--batch-size", "-b"], name
+    assert {"--images", "--max-drop", "--thresholds", "--no-verify"} <= {
+        opt for p in commands["evaluate"].params for opt in p.opts
+    } & {opt for p in commands["bench"].params for opt in p.opts}
+
+
 def test_os_errors_go_through_the_funnel(tmp_path, data, weights):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
@@ -499,7 +536,7 @@ def test_fit_passes_its_options(monkeypatch, tmp_path):
     assert args == (tmp_path / "run",)
     progress = kwargs.pop("progress")
     assert callable(progress)
-    assert kwargs == {"loss": "ce", "C": 0.5, "target": "backbone", "holdout": 0.1, "device": "cpu", "max_iter": 500}
+    assert kwargs == {"loss": "ce", "C": 0.5, "target": "backbone", "holdout": 0.1, "device": "auto", "max_iter": 500}
 
 
 def test_calibrate_passes_its_options(monkeypatch, tmp_path):

@@ -272,7 +272,7 @@ def test_every_stored_operating_point_matches_the_cache(pipe: Pipeline, val_imag
 
 
 def test_evaluate_on_held_out_test_images(pipe: Pipeline):
-    r = evaluate(pipe.export_dir, str(pipe.data["test"]), device="cpu", batch_size=64, workers=0, limit=120)
+    r = evaluate(pipe.export_dir, str(pipe.data["test"]), device="cpu", batch_size=64, workers=0, images=120)
     assert r.images == 120
     assert sorted(r.samples["index"].tolist()) == sorted(set(r.samples["index"].tolist()))
     assert sum(sum(row) for row in r.per_class_exits) == 120

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -48,8 +48,44 @@ Gates = Annotated[
         show_default=False,
     ),
 ]
-Device = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda or cuda:N.")]
+Device = Annotated[str, typer.Option("--device", "-d", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+BatchSizes = Annotated[
+    list[str],
+    typer.Option(
+        "--batch-size", "-b", help="Images per batch; several are timed one after another: 1,32 or -b 1 -b 32."
+    ),
+]
+Images = Annotated[
+    int | None,
+    typer.Option(
+        "--images", min=1, help="Use N images, evenly spaced over the data (all classes).", show_default=False
+    ),
+]
+MaxDrop = Annotated[
+    float | None,
+    typer.Option(
+        "--max-drop",
+        help="Use the cheapest stored operating point within this accuracy drop of the backbone "
+        "(e.g. 0.005; the export keeps the frontier `dgate calibrate` found).",
+        show_default=False,
+    ),
+]
+Thresholds = Annotated[
+    str | None,
+    typer.Option(
+        "--thresholds",
+        help="Comma-separated thresholds, one per gate, instead of the stored ones (inf closes a gate).",
+        show_default=False,
+    ),
+]
+NoVerify = Annotated[
+    bool,
+    typer.Option(
+        "--no-verify",
+        help="Accept a model directory whose files no longer match the sha256s the export recorded (edited by hand).",
+    ),
+]
 Workers = Annotated[
     int | None,
     typer.Option(
@@ -93,3 +129,44 @@ def float_tuple(value: str | None, name: str) -> tuple[float, ...] | None:
         raise typer.BadParameter(
             f"expected comma-separated numbers like 0.485,0.456,0.406, got '{value}'", param_hint=name
         ) from None
+
+
+def batch_sizes(values: list[str]) -> list[int]:
+    """``["1,32", "256"]`` -> ``[1, 32, 256]``; a clear error otherwise."""
+    try:
+        sizes = [int(v) for value in values for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected positive integers like 1,32,256, got '{','.join(values)}'", param_hint="--batch-size"
+        ) from None
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter(
+            f"expected positive integers like 1,32,256, got '{','.join(values)}'", param_hint="--batch-size"
+        )
+    return sizes
+
+
+def thresholds_list(value: str | None) -> list[float] | None:
+    """``"1.5,inf"`` -> ``[1.5, inf]``; a clear error otherwise (the model checks the count)."""
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected one number (or inf) per gate like 1.5,inf, got '{value}'", param_hint="--thresholds"
+        ) from None
+
+
+def choose_operating_point(model: Any, max_drop: float | None, thresholds: str | None) -> None:
+    """Apply ``--max-drop`` (a stored frontier point) or ``--thresholds`` (explicit) to a loaded model."""
+    if max_drop is not None and thresholds is not None:
+        raise typer.BadParameter("give --max-drop or --thresholds, not both", param_hint="--thresholds")
+    if max_drop is not None:
+        model.use_operating_point(max_drop=max_drop)
+    values = thresholds_list(thresholds)
+    if values is not None:
+        try:
+            model.set_thresholds(values)
+        except ValueError as exc:
+            raise typer.BadParameter(f"{exc}; give one number (or inf) per gate", param_hint="--thresholds") from None

@@ -16,28 +16,19 @@ from ..data.preprocess import Preprocess
 from ..evaluation.bench import bench
 from ..runtime.loading import load
 from . import _options as o
-from ._output import fail, out, pct, print_json, progress
+from ._output import out, pct, print_json, progress
 
 
 def bench_command(
     model_dir: Annotated[Path, typer.Argument(help="A directory written by `dgate export`.", show_default=False)],
     data: o.Data,
     device: o.Device = "auto",
-    batch_size: Annotated[
-        str, typer.Option("--batch-size", "-b", help="Comma-separated batch sizes to time.")
-    ] = "1,32",
-    images: Annotated[int, typer.Option(help="Images to time on, evenly spaced over the data.", min=1)] = 512,
-    max_drop: Annotated[
-        float | None,
-        typer.Option(help="Switch to the stored operating point within this accuracy drop first.", show_default=False),
-    ] = None,
-    thresholds: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated thresholds to use instead (inf closes a gate; a huge finite value runs a gate that never lets a sample out).",
-            show_default=False,
-        ),
-    ] = None,
+    batch_size: o.BatchSizes = ["1,32"],  # noqa: B006 (typer reads the default, never mutates it)
+    images: Annotated[
+        int, typer.Option("--images", help="Time on N images, evenly spaced over the data.", min=1)
+    ] = 512,
+    max_drop: o.MaxDrop = None,
+    thresholds: o.Thresholds = None,
     repeats: Annotated[
         int, typer.Option(help="Timed passes over the images per batch size (more: less noise).", min=1)
     ] = 1,
@@ -65,6 +56,7 @@ def bench_command(
         int | None, typer.Option(help="torch CPU threads (default: torch's choice).", min=1, show_default=False)
     ] = None,
     trust_code: o.TrustCode = False,
+    no_verify: o.NoVerify = False,
     json: o.Json = False,
 ) -> None:
     """Time the gated model against its own backbone (same weights, no gates) on the same real images.
@@ -78,25 +70,14 @@ def bench_command(
 
     Example: dgate bench models/r56-gated --data cifar10-jpeg/test --batch-size 1,32 --stream --no-exits
     """
-    try:
-        sizes = [int(s) for s in batch_size.split(",") if s.strip()]
-    except ValueError:
-        fail(f"--batch-size must be comma-separated integers like 1,32,256, got '{batch_size}'")
-    if not sizes or min(sizes) < 1:
-        fail(f"--batch-size must be positive integers, got '{batch_size}'")
+    sizes = o.batch_sizes(batch_size)
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     stage_dtype = resolve_dtype(dtype, "--dtype")
-    model = load(model_dir, device=dev, trust_code=trust_code)
+    model = load(model_dir, device=dev, verify=not no_verify, trust_code=trust_code)
     model.stages.to(stage_dtype)  # the gates stay float32
-    if max_drop is not None:
-        model.use_operating_point(max_drop=max_drop)
-    if thresholds is not None:
-        try:
-            model.set_thresholds([float(t) for t in thresholds.split(",")])
-        except ValueError as exc:
-            fail(f"--thresholds: {exc}; give one number (or inf) per gate, e.g. 1.5,inf")
+    o.choose_operating_point(model, max_drop, thresholds)
     pre = Preprocess.from_dict(model.manifest["preprocess"])
     ds = open_dataset(data, pre)
     xs, ys = [], []

@@ -50,13 +50,11 @@ def evaluate_command(
     device: o.Device = "auto",
     batch_size: o.BatchSize = 256,
     workers: o.Workers = None,
-    limit: Annotated[
-        int | None,
-        typer.Option(
-            help="Evaluate only N images, evenly spaced over the data (all classes).", min=1, show_default=False
-        ),
-    ] = None,
+    images: o.Images = None,
+    max_drop: o.MaxDrop = None,
+    thresholds: o.Thresholds = None,
     trust_code: o.TrustCode = False,
+    no_verify: o.NoVerify = False,
     json: o.Json = False,
 ) -> None:
     """Run the exported gated model (it really exits early) and its own backbone on labelled images.
@@ -64,8 +62,13 @@ def evaluate_command(
     Reports accuracy against the backbone's, mean cost per image (gates included) and its ratio to
     the backbone's, where images leave, and which classes leave early.
 
-    Example: dgate evaluate models/r56-gated --data cifar10-jpeg/test
+    --max-drop / --thresholds evaluate another operating point than the exported one: the
+    cheapest stored frontier point within that drop, or thresholds of your own.
+
+    Example: dgate evaluate models/r56-gated --data cifar10-jpeg/test --max-drop 0.005
     """
+    if max_drop is not None and thresholds is not None:
+        raise typer.BadParameter("give --max-drop or --thresholds, not both", param_hint="--thresholds")
     with progress(enabled=not json) as bar:
         r = evaluate(
             model_dir,
@@ -73,7 +76,10 @@ def evaluate_command(
             device=device,
             batch_size=batch_size,
             workers=workers,
-            limit=limit,
+            images=images,
+            max_drop=max_drop,
+            thresholds=o.thresholds_list(thresholds),
+            verify=not no_verify,
             progress=bar,
             trust_code=trust_code,
         )

@@ -32,7 +32,7 @@ def fit_command(
         str, typer.Option(help="Fit gates to the 'label' (the paper) or to the 'backbone' prediction.")
     ] = "label",
     holdout: Annotated[float, typer.Option(help="Fraction of train held out to choose C.")] = 0.1,
-    device: Annotated[str, typer.Option("--device", "-d", help="Where to solve: cpu, cuda, auto.")] = "cpu",
+    device: o.Device = "auto",
     max_iter: Annotated[int, typer.Option(help="L-BFGS iterations at most per fit.", min=1)] = 500,
     json: o.Json = False,
 ) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,6 @@ import torch
 from .._device import describe, resolve_device
 from ..data.datasets import open_dataset
 from ..data.loader import iterate, make_loader, spread
-from ..data.preprocess import Preprocess
 from ..errors import DataError
 from ..pipeline.extract import class_difference
 from ..runtime.loading import load
@@ -83,11 +82,21 @@ def evaluate(
     device: str = "auto",
     batch_size: int = 256,
     workers: int | None = None,
-    limit: int | None = None,
+    images: int | None = None,
+    max_drop: float | None = None,
+    thresholds: Sequence[float] | None = None,
+    verify: bool = True,
     progress: ProgressFn | None = None,
     trust_code: bool = False,
 ) -> EvaluateResult:
     """Run the exported model and its backbone on ``data``; compare accuracy and cost.
+
+    Args:
+        images: use this many images, evenly spaced over ``data`` (default: all).
+        max_drop: first switch to the cheapest stored operating point within this accuracy drop
+            (:meth:`GatedModel.use_operating_point`).
+        thresholds: or use these thresholds, one per gate (``inf`` closes a gate).
+        verify: check the files against the sha256s the export recorded.
 
     Example:
         >>> r = evaluate("models/r56-gated", "cifar10-jpeg/test")  # doctest: +SKIP
@@ -95,22 +104,26 @@ def evaluate(
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    model = load(directory, device=dev, trust_code=trust_code)
-    pre = Preprocess.from_dict(model.manifest["preprocess"])
+    model = load(directory, device=dev, verify=verify, trust_code=trust_code)
+    if max_drop is not None:
+        model.use_operating_point(max_drop=max_drop)
+    if thresholds is not None:
+        model.set_thresholds(list(thresholds))
+    pre = model.preprocess
     ds = open_dataset(data, pre)
     classes = model.classes
     if ds.classes != classes:
         raise DataError(
             f"{class_difference(str(data), ds.classes, 'the model', classes)}; pass images of the model's classes"
         )
-    subset = spread(len(ds), limit)
+    subset = spread(len(ds), images)
     n = len(ds) if subset is None else len(subset)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("index", "label", "pred", "exit", "backbone_pred")}
     done = 0
-    for images, labels, index in iterate(
+    for batch, labels, index in iterate(
         make_loader(ds, batch_size, workers, pin_memory=dev.type == "cuda", indices=subset)
     ):
-        x = pre.normalize(images.to(dev, non_blocking=True))
+        x = pre.normalize(batch.to(dev, non_blocking=True))
         out = model(x)
         parts["backbone_pred"].append(model.backbone_forward(x).argmax(1).cpu())
         parts["pred"].append(out.pred.cpu())

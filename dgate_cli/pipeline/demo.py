@@ -111,7 +111,7 @@ def write_dataset(root: str | Path, sizes: dict[str, int], seed: int = 0) -> dic
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class TrainResult(_io.AsDict):
     path: Path
     epochs: int
     train_accuracy: float

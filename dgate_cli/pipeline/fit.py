@@ -34,7 +34,7 @@ ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
-class GateFit:
+class GateFit(_io.AsDict):
     """How one gate was fitted and how well it does.
 
     Attributes:
@@ -78,7 +78,7 @@ class FitResult:
             "target": self.target,
             "seconds": round(self.seconds, 3),
             "device": self.device,
-            "gates": [asdict(g) for g in self.gates],
+            "gates": [g.to_dict() for g in self.gates],
             "notes": self.notes,
         }
 
@@ -113,7 +113,7 @@ def fit(
     C_grid: tuple[float, ...] = DEFAULT_C_GRID,
     holdout: float = 0.1,
     target: str = "label",
-    device: str = "cpu",
+    device: str = "auto",
     max_iter: int = 500,
     progress: ProgressFn | None = None,
 ) -> FitResult:
@@ -126,7 +126,7 @@ def fit(
         C_grid: the candidates when choosing C.
         holdout: fraction of train held out to choose C.
         target: fit to the ``label`` (the paper) or to the ``backbone``'s own prediction.
-        device: where to solve (``cpu``, ``cuda``).
+        device: where to solve: ``auto`` (cuda if available, else cpu), ``cpu`` or ``cuda``.
         max_iter: L-BFGS iterations at most per fit.
         progress: called as ``progress(gate, done, total)``.
 

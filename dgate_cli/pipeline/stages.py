@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .._io import AsDict
 from ..data.datasets import open_dataset
 from ..errors import DataError
 from ..models.backbone import Backbone, build_backbone
@@ -24,7 +25,7 @@ SIZE_SOURCES = {
 
 
 @dataclass(frozen=True)
-class StageRow:
+class StageRow(AsDict):
     """One candidate gate position.
 
     Attributes:
@@ -79,7 +80,7 @@ class StagesReport:
         return f"{s}x{s} input ({SIZE_SOURCES.get(self.input_size_source, self.input_size_source)})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "rows": [asdict(r) for r in self.rows]}
+        return {**asdict(self), "rows": [r.to_dict() for r in self.rows]}
 
 
 def data_input_size(data: str | os.PathLike[str], backbone: Backbone) -> int:
