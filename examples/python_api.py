@@ -12,12 +12,11 @@ import torch
 import dgate_cli
 from dgate_cli.data.datasets import open_dataset
 from dgate_cli.data.loader import iterate, make_loader, spread
-from dgate_cli.data.preprocess import Preprocess
 
 
 def main(model_dir: str, images: str) -> None:
     model = dgate_cli.load(model_dir)  # device="cuda" to run on a GPU
-    pre = Preprocess.from_dict(model.manifest["preprocess"])  # the model's own preprocessing
+    pre = model.preprocess  # the model's own preprocessing (model.preprocess(pil_images) works too)
     ds = open_dataset(images, pre)
     x, y, _ = next(iterate(make_loader(ds, 512, workers=0, indices=spread(len(ds), 512))))
     x = pre.normalize(x)

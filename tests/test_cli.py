@@ -447,7 +447,9 @@ def test_options_are_the_same_kind_everywhere():
         assert "--json" in params, f"dgate {name} has no --json"
         assert "--limit" not in params, f"dgate {name}: how many images is --images"
         if "--device" in params:
-            assert params["--device"].default == "auto", f"dgate {name} --device defaults to {params['--device'].default}"
+            assert params["--device"].default == "auto", (
+                f"dgate {name} --device defaults to {params['--device'].default}"
+            )
         if "--batch-size" in params:
             assert params["--batch-size"].opts == ["--batch-size", "-b"], name
     assert {"--images", "--max-drop", "--thresholds", "--no-verify"} <= {

@@ -43,7 +43,9 @@ def test_linear_gate_clones_with_sklearn_and_the_clone_is_unfitted():
 def test_set_params_sets_and_refuses_unknown_names():
     gate = LinearGate()
     assert gate.set_params(C=0.5, loss="ce") is gate and (gate.C, gate.loss) == (0.5, "ce")
-    with pytest.raises(SpecError, match=r"Invalid parameter 'lr' for estimator LinearGate\. Valid parameters are: loss, C"):
+    with pytest.raises(
+        SpecError, match=r"Invalid parameter 'lr' for estimator LinearGate\. Valid parameters are: loss, C"
+    ):
         gate.set_params(lr=0.1)
 
 
@@ -83,7 +85,11 @@ def test_every_result_serialises_with_to_dict_as_strict_json():
     frontier = Frontier([point])
     assert strict(frontier)["points"][0]["thresholds"] == [0.5, "inf"]
     assert Frontier.from_dict(strict(frontier)) == frontier
-    assert strict(CSearch(0.1, (0.1, 1.0), (0.8, 0.7))) == {"C": 0.1, "grid": [0.1, 1.0], "holdout_accuracy": [0.8, 0.7]}
+    assert strict(CSearch(0.1, (0.1, 1.0), (0.8, 0.7))) == {
+        "C": 0.1,
+        "grid": [0.1, 1.0],
+        "holdout_accuracy": [0.8, 0.7],
+    }
     fit = GateFit("layer1", 16, 0.1, [0.1], [0.8], 0.9, None, 0.95, 1.5, 30)
     assert strict(fit)["val_accuracy"] is None and strict(fit)["gate"] == "layer1"
     assert strict(TrainResult(Path("w.safetensors"), 3, 0.7, 2.0, False))["path"] == "w.safetensors"

@@ -595,7 +595,11 @@ def test_bench_command_reports_json_for_each_batch_size(pipe: Pipeline, cached):
         assert r["speedup"] > 0 and r["ideal_speedup"] == pytest.approx(1 / r["flops_ratio"])
         assert len(r["exit_fractions"]) == model.num_gates + 1 and sum(r["exit_fractions"]) == pytest.approx(1.0)
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["backbone_accuracy"] <= 1.0
-    assert "threads" in report["device"] and "malloc" in report["machine"] and report["backends"] == ([] if gate_kernel.status() != "on" else ["gate kernel"])
+    assert (
+        "threads" in report["device"]
+        and "malloc" in report["machine"]
+        and report["backends"] == ([] if gate_kernel.status() != "on" else ["gate kernel"])
+    )
     assert all(r["mode"] == "batch" for r in rows)
     streamed = CliRunner().invoke(app, [*args, "--batch-size", "16", "--images", "80", "--stream", "--json"])
     assert streamed.exit_code == 0, (streamed.stderr, streamed.exception)
@@ -616,7 +620,7 @@ def test_bench_command_reports_json_for_each_batch_size(pipe: Pipeline, cached):
     assert "16 no-exit" in worst.stdout and "no exits at batch 16: gated" in worst.stdout
     assert "% time against the backbone" in worst.stdout
     bad = CliRunner().invoke(app, [*args, "--batch-size", "1,x"])
-    assert bad.exit_code == 2 and "--batch-size must be comma-separated integers" in bad.stderr
+    assert bad.exit_code == 2 and "--batch-size must be comma-separated integers like 1,32,256" in bad.stderr
     bad = CliRunner().invoke(app, [*args, "--dtype", "float64"])
     assert bad.exit_code == 2 and "--dtype must be one of float32, float16, bfloat16" in bad.stderr
     half = CliRunner(env={"COLUMNS": "200"}).invoke(

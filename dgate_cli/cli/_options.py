@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ._output import fail
+
 RunDir = Annotated[
     Path, typer.Argument(help="Run directory: holds the feature cache, gates and calibration.", show_default=False)
 ]
@@ -132,41 +134,37 @@ def float_tuple(value: str | None, name: str) -> tuple[float, ...] | None:
 
 
 def batch_sizes(values: list[str]) -> list[int]:
-    """``["1,32", "256"]`` -> ``[1, 32, 256]``; a clear error otherwise."""
+    """``["1,32", "256"]`` -> ``[1, 32, 256]``; a one-line error otherwise."""
+    given = ",".join(values)
     try:
         sizes = [int(v) for value in values for v in value.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(
-            f"expected positive integers like 1,32,256, got '{','.join(values)}'", param_hint="--batch-size"
-        ) from None
+        sizes = []
     if not sizes or min(sizes) < 1:
-        raise typer.BadParameter(
-            f"expected positive integers like 1,32,256, got '{','.join(values)}'", param_hint="--batch-size"
-        )
+        fail(f"--batch-size must be comma-separated integers like 1,32,256 (or -b 1 -b 32), got '{given}'")
     return sizes
 
 
 def thresholds_list(value: str | None) -> list[float] | None:
-    """``"1.5,inf"`` -> ``[1.5, inf]``; a clear error otherwise (the model checks the count)."""
+    """``"1.5,inf"`` -> ``[1.5, inf]``; a one-line error otherwise (the model checks the count)."""
     if value is None:
         return None
     try:
         return [float(v) for v in value.split(",")]
     except ValueError:
-        raise typer.BadParameter(
-            f"expected one number (or inf) per gate like 1.5,inf, got '{value}'", param_hint="--thresholds"
-        ) from None
+        fail(f"--thresholds must be one number (or inf) per gate like 1.5,inf, got '{value}'")
+
+
+def one_operating_point(max_drop: float | None, thresholds: str | None) -> None:
+    if max_drop is not None and thresholds is not None:
+        fail("give --max-drop or --thresholds, not both")
 
 
 def choose_operating_point(model: Any, max_drop: float | None, thresholds: str | None) -> None:
     """Apply ``--max-drop`` (a stored frontier point) or ``--thresholds`` (explicit) to a loaded model."""
-    if max_drop is not None and thresholds is not None:
-        raise typer.BadParameter("give --max-drop or --thresholds, not both", param_hint="--thresholds")
+    one_operating_point(max_drop, thresholds)
     if max_drop is not None:
         model.use_operating_point(max_drop=max_drop)
     values = thresholds_list(thresholds)
     if values is not None:
-        try:
-            model.set_thresholds(values)
-        except ValueError as exc:
-            raise typer.BadParameter(f"{exc}; give one number (or inf) per gate", param_hint="--thresholds") from None
+        model.set_thresholds(values)

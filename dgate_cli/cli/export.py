@@ -67,8 +67,7 @@ def evaluate_command(
 
     Example: dgate evaluate models/r56-gated --data cifar10-jpeg/test --max-drop 0.005
     """
-    if max_drop is not None and thresholds is not None:
-        raise typer.BadParameter("give --max-drop or --thresholds, not both", param_hint="--thresholds")
+    o.one_operating_point(max_drop, thresholds)
     with progress(enabled=not json) as bar:
         r = evaluate(
             model_dir,

@@ -6,7 +6,8 @@ are set aside and the others are indexed out, so no later step runs for them. Re
 in input order at the end. Closed gates (threshold ``inf``) cost nothing.
 
 :meth:`GatedModel.forward` and the throughput mode :meth:`GatedModel.stream` run the same step
-function, :meth:`GatedModel._advance`: one exit loop.
+function, :meth:`GatedModel._advance`: one exit loop. What a run returns is in :mod:`.outputs`,
+the stream's queues in :mod:`.streaming`, choosing thresholds in :mod:`.operating_point`.
 
 Example:
     >>> import torch
@@ -30,33 +31,14 @@ from torch import nn
 from ..data.preprocess import Preprocess
 from ..gates.pooling import Pooling
 from ..thresholds.cost import CostModel
-from ..thresholds.outcomes import OperatingPoint, decode_threshold, f32
+from ..thresholds.outcomes import OperatingPoint
 from .decisions import Backend, Decision, decide
+from .operating_point import parse_thresholds, pick_point
+from .outputs import GatedOutput, Left, assemble
 from .plan import Gate, Step, linear_plan
+from .streaming import StepQueues
 
-
-class GatedOutput(NamedTuple):
-    """Per-sample results of a :class:`GatedModel` forward pass.
-
-    Attributes:
-        logits: ``(N, K)``: the gate's outputs (distances or logits) for samples that left at a
-            gate, the backbone's logits for the others.
-        pred: ``(N,)`` predicted class.
-        exit: ``(N,)`` exit index: ``g`` for gate ``g``, ``len(gates)`` for the backbone's head.
-    """
-
-    logits: torch.Tensor
-    pred: torch.Tensor
-    exit: torch.Tensor
-
-
-class _Left(NamedTuple):
-    """Samples that finished at one exit: their exit index, rows (positions in the input), outputs, classes."""
-
-    exit: int
-    rows: torch.Tensor | None  # None: every input row, in order
-    outputs: torch.Tensor
-    pred: torch.Tensor
+__all__ = ["Chain", "GatedModel", "GatedOutput"]
 
 
 class _Scheduled(NamedTuple):
@@ -171,22 +153,7 @@ class GatedModel(nn.Module):
 
     @thresholds.setter
     def thresholds(self, values: Sequence[float | str | None]) -> None:
-        try:
-            values = [] if isinstance(values, (str, bytes)) else list(values)
-        except TypeError:
-            values = []
-        if not values and self.num_gates:
-            raise ValueError(f"thresholds must be a list of {self.num_gates} numbers (one per gate)")
-        if len(values) != self.num_gates:
-            raise ValueError(f"expected {self.num_gates} thresholds (one per gate), got {len(values)}")
-        try:
-            parsed = [decode_threshold(t) for t in values]
-        except (TypeError, ValueError):
-            raise ValueError(f"thresholds must be numbers, 'inf' or None, got {values!r}") from None
-        if any(math.isnan(v) for v in parsed):
-            raise ValueError("thresholds must be numbers or inf, not NaN")
-        # float32, as compared; a finite threshold beyond float32's range stays open (and unreachable)
-        self._thresholds = [t if math.isinf(t) else _finite_f32(t) for t in parsed]
+        self._thresholds = parse_thresholds(values, self.num_gates)
 
     def use_operating_point(self, max_drop: float | None = None, index: int | None = None) -> OperatingPoint:
         """Switch to a stored frontier point: the cheapest whose promised accuracy (its calibration
@@ -196,32 +163,9 @@ class GatedModel(nn.Module):
             >>> model.use_operating_point(max_drop=0.005).cost_ratio  # doctest: +SKIP
             0.81
         """
-        if not self.frontier:
-            raise ValueError("this model has no stored frontier; set thresholds with set_thresholds()")
-        if (max_drop is None) == (index is None):
-            raise ValueError("give exactly one of max_drop and index")
-        if index is not None:
-            point = self.frontier[index]
-        else:
-            base = self.manifest.get("calibration", {}).get("backbone_accuracy")
-            promise = [p.target if p.target is not None else p.accuracy for p in self.frontier]
-            top = base if base is not None else max(promise)
-            ok = [p for p, a in zip(self.frontier, promise, strict=True) if a >= top - max_drop - 1e-12]  # type: ignore[operator]
-            if not ok:
-                ok = [self.frontier[max(range(len(promise)), key=promise.__getitem__)]]
-            point = min(ok, key=self._search_cost)
+        point = pick_point(self.frontier, self.manifest.get("calibration", {}), self.cost, max_drop, index)
         self.set_thresholds(list(point.thresholds))
         return point
-
-    def _search_cost(self, p: OperatingPoint) -> float:
-        """What calibration minimised for ``p``: its mean cost under the cost model it searched with
-        (``--gate-overhead`` prices gates higher), so that switching points does not reopen gates
-        the calibration closed as not worth their time."""
-        overhead = float(self.manifest.get("calibration", {}).get("target", {}).get("gate_overhead") or 0.0)
-        if not overhead or self.cost is None:
-            return p.mean_cost
-        costs = self.cost.with_overhead(overhead).exit_costs(self.cost.open_for(p.thresholds))
-        return float((costs * torch.tensor(p.exit_fractions, dtype=torch.float64)).sum())
 
     def exit_costs(self) -> list[float]:
         """Cost of leaving at each exit under the current thresholds (closed gates cost nothing)."""
@@ -240,7 +184,7 @@ class GatedModel(nn.Module):
             with torch.inference_mode():
                 return self.forward(x)
         x = self._prepare(x)
-        left: list[_Left] = []
+        left: list[Left] = []
         h: torch.Tensor | None = x
         rows = None  # every input row, in order, until the first sample leaves
         for step in self._schedule():
@@ -248,7 +192,7 @@ class GatedModel(nn.Module):
             left += done
             if h is None:
                 break
-        return _assemble(x.shape[0], left, x.device)
+        return assemble(x.shape[0], left, x.device)
 
     def _schedule(self) -> list[_Scheduled]:
         """The plan with each step's module and its gate's current threshold (``inf``: closed)."""
@@ -259,7 +203,7 @@ class GatedModel(nn.Module):
 
     def _advance(
         self, step: _Scheduled, h: torch.Tensor, rows: torch.Tensor | None, x: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[_Left]]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[Left]]:
         """Run one step on ``rows`` (None: every row of the input, in order; ``h``: the previous
         step's output for them; ``x``: the original input, for steps that start from it). Returns
         what goes on (outputs, or None when nobody does, and their rows) and who left."""
@@ -268,7 +212,7 @@ class GatedModel(nn.Module):
         h = step.module(h)
         if step.gate is None:  # the last step answers for everyone left
             out = h.float()
-            return None, None, [_Left(self.num_gates, rows, out, out.argmax(1))]
+            return None, None, [Left(self.num_gates, rows, out, out.argmax(1))]
         if step.threshold == math.inf:  # closed
             return h, rows, []
         d = self._decide(step.gate, h, step.threshold)
@@ -276,16 +220,16 @@ class GatedModel(nn.Module):
         if d.count == 0:
             return h, rows, []
         if d.count == n:
-            return None, None, [_Left(step.gate, rows, d.outputs, d.pred)]
+            return None, None, [Left(step.gate, rows, d.outputs, d.pred)]
         gone = torch.nonzero(d.leave).squeeze(1)  # the one host synchronisation per open gate
         if not gone.numel():
             return h, rows, []
         if gone.numel() == n:
-            return None, None, [_Left(step.gate, rows, d.outputs, d.pred)]
+            return None, None, [Left(step.gate, rows, d.outputs, d.pred)]
         if rows is None:
             rows = torch.arange(n, device=h.device)
         stay = torch.nonzero(~d.leave).squeeze(1)
-        done = [_Left(step.gate, rows[gone], d.outputs[gone], d.pred[gone])]  # type: ignore[index]
+        done = [Left(step.gate, rows[gone], d.outputs[gone], d.pred[gone])]  # type: ignore[index]
         return h[stay], rows[stay], done  # indexing keeps a channels-last output channels-last
 
     def _decide(self, g: int, h: torch.Tensor, threshold: float) -> Decision:
@@ -324,9 +268,7 @@ class GatedModel(nn.Module):
             raise ValueError(f"batch_size must be a positive number of samples, got {batch_size}")
         if any(step.source == "input" for step in self.plan[1:]):
             raise ValueError("stream() runs plans whose steps start from the previous step; use forward()")
-        steps = len(self.plan)
-        queues: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(steps)]
-        counts = [0] * steps
+        queues = StepQueues(len(self.plan))
         offset = 0
         for x in batches:
             if x.shape[0] == 0:
@@ -334,29 +276,17 @@ class GatedModel(nn.Module):
             caller = x.untyped_storage().data_ptr()
             x = self._prepare(x)
             batch_size = batch_size or x.shape[0]
-            queues[0].append((x, torch.arange(offset, offset + x.shape[0], device=x.device)))
-            counts[0] += x.shape[0]
+            queues.put(0, x, torch.arange(offset, offset + x.shape[0], device=x.device))
             offset += x.shape[0]
-            yield from self._drain(queues, counts, batch_size, flush=False)
+            yield from self._drain(queues, batch_size, flush=False)
             # inputs still waiting are copied: the caller may refill its buffer for the next batch
-            queues[0] = [(h.clone() if h.untyped_storage().data_ptr() == caller else h, i) for h, i in queues[0]]
-        yield from self._drain(queues, counts, batch_size or 1, flush=True)
+            queues.copy_inputs_in(caller)
+        yield from self._drain(queues, batch_size or 1, flush=True)
 
-    def _drain(
-        self, queues: list[list[tuple[torch.Tensor, torch.Tensor]]], counts: list[int], size: int, flush: bool
-    ) -> Iterator[tuple[torch.Tensor, GatedOutput]]:
-        """Run every step, shallow to deep, on each full batch of its queue (any remnant when flushing)."""
+    def _drain(self, queues: StepQueues, size: int, flush: bool) -> Iterator[tuple[torch.Tensor, GatedOutput]]:
+        """Drain ``queues``, each step run by :meth:`_advance` at the current thresholds."""
         schedule = self._schedule()
-        for k in range(len(queues)):
-            while counts[k] >= size or (flush and counts[k] > 0):
-                h, index = _take(queues[k], min(size, counts[k]))
-                counts[k] -= index.shape[0]
-                h, index, done = self._advance(schedule[k], h, index, None)  # type: ignore[assignment]
-                for d in done:
-                    yield d.rows, GatedOutput(d.outputs, d.pred, torch.full_like(d.rows, d.exit))
-                if h is not None:
-                    queues[k + 1].append((h, index))
-                    counts[k + 1] += index.shape[0]
+        return queues.drain(lambda k, h, index: self._advance(schedule[k], h, index, None), size, flush)
 
     def backbone_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's logits without gates: the same stages, chained."""
@@ -389,44 +319,3 @@ class Chain(nn.Module):
         for stage in self.stages:
             x = stage(x)
         return x.float()
-
-
-def _finite_f32(v: float) -> float:
-    r = f32(v)
-    return math.copysign(float(torch.finfo(torch.float32).max), v) if math.isinf(r) else r
-
-
-def _assemble(n: int, left: list[_Left], device: torch.device) -> GatedOutput:
-    """Put the per-exit results back into input order."""
-    if len(left) == 1:  # everyone left at one exit (rows None, or all of them in order)
-        d = left[0]
-        return GatedOutput(d.outputs, d.pred, torch.full((n,), d.exit, dtype=torch.long, device=device))
-    rows = torch.cat([d.rows for d in left])
-    order = torch.empty_like(rows)
-    order[rows] = torch.arange(n, device=rows.device)  # position of input i among the concatenated rows
-    exits = torch.cat([torch.full((d.rows.numel(),), d.exit, dtype=torch.long, device=rows.device) for d in left])
-    return GatedOutput(
-        torch.cat([d.outputs for d in left])[order], torch.cat([d.pred for d in left])[order], exits[order]
-    )
-
-
-def _take(queue: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``k`` queued rows (step inputs and their stream positions), removed from ``queue``."""
-    hs, ids, got = [], [], 0
-    while got < k:
-        h, index = queue[0]
-        need = k - got
-        if h.shape[0] <= need:
-            queue.pop(0)
-        else:
-            queue[0] = (h[need:], index[need:])
-            h, index = h[:need], index[:need]
-        hs.append(h)
-        ids.append(index)
-        got += h.shape[0]
-    if len(hs) == 1:
-        return hs[0], ids[0]
-    h = torch.cat(hs)
-    if hs[0].dim() == 4 and hs[0].is_contiguous(memory_format=torch.channels_last):
-        h = h.contiguous(memory_format=torch.channels_last)  # a no-op when cat kept the format
-    return h, torch.cat(ids)
