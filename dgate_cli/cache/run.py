@@ -18,6 +18,10 @@ FORMAT_VERSION = 2
 RUN_FILE = "run.json"
 
 
+# the fields that determine the cached values (with the weights' sha256)
+_IDENTITY = ("format_version", "model", "gates", "pooling", "gate_pooling", "preprocess", "input_size", "feature_dtype")
+
+
 @dataclass
 class RunConfig:
     """What a run directory's cache was extracted with (``run.json``).
@@ -45,17 +49,9 @@ class RunConfig:
 
     def identity(self) -> str:
         """sha256 of the fields that determine the cached values."""
-        key = {
-            "format_version": self.format_version,
-            "model": self.model,
-            "weights_sha256": (self.weights or {}).get("sha256"),
-            "gates": self.gates,
-            "pooling": self.pooling,
-            "gate_pooling": self.gate_pooling,
-            "preprocess": self.preprocess,
-            "input_size": self.input_size,
-            "feature_dtype": self.feature_dtype,
-        }
+        d = self.to_dict()
+        key = {name: d[name] for name in _IDENTITY}
+        key["weights_sha256"] = (self.weights or {}).get("sha256")
         return _io.sha256_text(json.dumps(key, sort_keys=True))
 
     def to_dict(self) -> dict[str, Any]:

@@ -140,11 +140,15 @@ class _Searcher:
 
     def descend(self, t: torch.Tensor, need: int, max_sweeps: int = 50) -> torch.Tensor:
         """Coordinate descent on (shortfall, cost) with exact steps, until no gate improves."""
+        return self._sweep(t, need, [lambda t, g=g: self.step(t, g, need) for g in range(self.G)], max_sweeps)
+
+    def _sweep(self, t: torch.Tensor, need: int, moves: list, max_sweeps: int) -> torch.Tensor:
+        """Apply each move in turn, keeping what improves (shortfall, cost), until a sweep improves nothing."""
         best = self.key(t, need)
         for _ in range(max_sweeps):
             improved = False
-            for g in range(self.G):
-                cand = self.step(t, g, need)
+            for move in moves:
+                cand = move(t)
                 k = self.key(cand, need)
                 if self.better(k, best):
                     t, best, improved = cand, k, True
@@ -220,17 +224,8 @@ class _Searcher:
         pairs = [(g, h) for g in range(self.G) for h in range(g + 1, self.G)]
         if self.G > 5:
             pairs = [(g, g + 1) for g in range(self.G - 1)]
-        best = self.key(t, need)
-        for _ in range(max_sweeps):
-            improved = False
-            for g, h in pairs:
-                cand = self.descend(self.pair(t, g, h, need), need)
-                k = self.key(cand, need)
-                if self.better(k, best):
-                    t, best, improved = cand, k, True
-            if not improved:
-                break
-        return t
+        moves = [lambda t, g=g, h=h: self.descend(self.pair(t, g, h, need), need) for g, h in pairs]
+        return self._sweep(t, need, moves, max_sweeps)
 
     # -- Lagrangian continuation ------------------------------------------------------------------
     def lagrangian_path(self, steps: int = 40) -> list[torch.Tensor]:
