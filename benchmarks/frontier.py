@@ -314,25 +314,22 @@ def main() -> None:
         all_rows += rows
         all_cov += cov
         plots.append(plot)
-    if args.json:
-        import json
-
-        print(json.dumps({"frontier": all_rows, "coverage": all_cov}, indent=2))
-    else:
-        main_rows = [r for r in all_rows if "max_drop_pts" in r]
-        equal_rows = [r for r in all_rows if "max_drop_pts" not in r]
-        emit(
-            main_rows, False, "test split; thresholds calibrated on val with --max-drop; costs in MACs, gates included"
-        )
-        print()
-        emit(
-            equal_rows,
-            False,
+    main_rows = [r for r in all_rows if "max_drop_pts" in r]
+    equal_rows = [r for r in all_rows if "max_drop_pts" not in r]
+    tables = {
+        "frontier": (
+            "test split; thresholds calibrated on val with --max-drop; costs in MACs, gates included",
+            main_rows,
+        ),
+        "equal_accuracy": (
             "test MACs reduction (%) at equal test accuracy drop (points): each method's val-chosen curve on test",
-        )
-        if all_cov:
-            print()
-            emit(all_cov, False, f"calibration on unseen data: {args.repeats} random halves of val (calibrate / check)")
+            equal_rows,
+        ),
+    }
+    if all_cov or args.json:
+        title = f"calibration on unseen data: {args.repeats} random halves of val (calibrate / check)"
+        tables["coverage"] = (title, all_cov)
+    emit(tables, args.json)
     if args.plot:
         _plot(plots, args.plot)
 

@@ -7,6 +7,7 @@ fit times (same machine, same run). Plus the timing of one gate on 50,000 x 4,09
 
     python benchmarks/gate_solver.py --run runs/r56 --json
     python benchmarks/gate_solver.py --synthetic-only
+    python benchmarks/gate_solver.py --run runs/r20 --gates layer1 --synthetic 0
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--run", help="a run directory from `dgate extract` (its train and val splits)")
     ap.add_argument("--gates", help="only these gates of the run, e.g. layer1,layer3.5 (default: all)")
     ap.add_argument("--C", type=float, default=0.01)
+    ap.add_argument("--synthetic", default="50000x4096", help="N x D of the synthetic timing case (0: none)")
     ap.add_argument("--synthetic-only", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -87,33 +89,30 @@ def main() -> None:
                     cfg.num_classes,
                 )
             )
-    # one gate on 50,000 x 4,096 features (10 classes, a linear signal in noise), ours only
+    if a.synthetic != "0":
+        n, d = (int(v) for v in a.synthetic.lower().split("x"))
+        rows.append(synthetic(n, d, a.C))
+    title = f"hinge gate solver vs sklearn LinearSVC(squared_hinge), {torch.get_num_threads()} threads"
+    emit({"cases": (title, rows)}, a.json, {"threads": torch.get_num_threads()} if a.json else None)
+
+
+def synthetic(n: int, d: int, C: float, K: int = 10) -> dict:
+    """One gate on ``n x d`` features (``K`` classes, a linear signal in noise), ours only."""
     g = torch.Generator().manual_seed(0)
-    n, d, K = 50_000, 4_096, 10
     W = torch.randn(d, K, generator=g) / d**0.5
     X = torch.randn(n, d, generator=g)
     y = (X @ W + 0.5 * torch.randn(n, K, generator=g)).argmax(1)
     t0 = time.perf_counter()
-    gate = LinearGate(loss="hinge", C=a.C, max_iter=500).fit(X, y, num_classes=K)
-    rows.append(
-        {
-            "case": "synthetic 50000 x 4096, dgate only",
-            "n": n,
-            "d": d,
-            "C": a.C,
-            "acc_dgate": round(gate.score(X, y), 4),
-            "acc_sklearn": "",
-            "agreement": "",
-            "objective_ratio": "",
-            "s_dgate": round(time.perf_counter() - t0, 2),
-            "s_sklearn": "",
-            "speedup": "",
-            "iterations": gate.n_iter_,
-        }
-    )
-    emit(
-        rows, a.json, title=f"hinge gate solver vs sklearn LinearSVC(squared_hinge), {torch.get_num_threads()} threads"
-    )
+    gate = LinearGate(loss="hinge", C=C, max_iter=500).fit(X, y, num_classes=K)
+    return {
+        "case": f"synthetic {n} x {d}, dgate only",
+        "n": n,
+        "d": d,
+        "C": C,
+        "acc_dgate": round(gate.score(X, y), 4),
+        "s_dgate": round(time.perf_counter() - t0, 2),
+        "iterations": gate.n_iter_,
+    }
 
 
 if __name__ == "__main__":

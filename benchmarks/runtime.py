@@ -1,4 +1,5 @@
-"""Measured speed-up of gated models vs their own backbone, through ``dgate bench``.
+"""Measured speed-up of gated models vs their own backbone, through ``dgate bench``; and the gate
+kernel against the reference decision path on the same export.
 
 Two models:
   * calibrated CIFAR ResNet-56 exports from the README pipeline (``--r56 DIR [DIR ...]``, e.g.
@@ -12,22 +13,31 @@ overhead of gates that run but let nobody out (``dgate bench --no-exits``: thres
 score; gates the calibration closed stay closed). ``--stream`` adds throughput-mode rows (batch
 sizes above 1).
 
-    python benchmarks/runtime.py --r56 models/r56-gated models/r56-gated-ovh --stream --json
+``--compare-backends``: each model is timed by ``dgate bench`` processes that alternate between the
+default decision backends (the gate kernel, where the install built it) and the reference decision
+path (``DGATE_KERNEL=0``), ``--rounds`` of each, which goes first alternating. Per batch size and
+mode: each one's median gated ms, their ratio per round (reference / kernel: above 1, the kernel is
+faster), and the ratio of the speed-ups each process measured against its own backbone (the less
+noisy one: both sides of it share the process and the minutes).
 
-On a GPU: ``--device cuda --batch-size 1,256 --cuda-graphs`` (graphed rows beside the eager ones;
-``--r50-dir`` keeps the ResNet-50 export for the next run).
+    python benchmarks/runtime.py --r56 models/r56-gated models/r56-gated-ovh --stream --json
+    python benchmarks/runtime.py --r56 models/r56-gated --skip-r50 --compare-backends --rounds 3
+
+On a GPU: ``--device cuda --batch-size 1,256`` (``--r50-dir`` keeps the ResNet-50 export for the
+next run). ``--malloc-system`` also times ResNet-56 with ``DGATE_MALLOC=system`` (no malloc tuning).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from _common import CIFAR, REPO, emit, require_shared
@@ -35,10 +45,17 @@ from _common import CIFAR, REPO, emit, require_shared
 from dgate_cli import __version__
 from dgate_cli.data.datasets import open_dataset
 from dgate_cli.data.loader import iterate, make_loader, spread
-from dgate_cli.gates.pooling import PoolingPolicy, pool
+from dgate_cli.gates.pooling import PoolingPolicy
+from dgate_cli.gates.scores import gate_scores
 from dgate_cli.models.backbone import build_backbone
 from dgate_cli.pipeline.export import write_export
 from dgate_cli.pipeline.extract import describe_run
+from dgate_cli.runtime import manifest
+from dgate_cli.runtime.plan import Gate, linear_plan
+
+# decision backends as a `dgate bench` process gets them: its environment, and the names it reports
+BACKENDS = {"kernel": ({}, ["gate kernel"]), "reference": ({"DGATE_KERNEL": "0"}, [])}
+SEEN: dict[str, str] = {}  # the device and machine the first dgate bench process reported
 
 
 def make_resnet50_export(
@@ -53,7 +70,7 @@ def make_resnet50_export(
     x = torch.cat([b for b, _, _ in iterate(make_loader(ds, 64, indices=spread(len(ds), images)))])
     x = bb.preprocess.normalize(x)
     info = describe_run(bb, None, policy, x[:1])
-    weights = [torch.randn(10, d) / math.sqrt(d) for d in info["feature_sizes"]]
+    weights = [torch.randn(10, d) / d**0.5 for d in info["feature_sizes"]]
     biases = [torch.zeros(10) for _ in weights]
     # thresholds: the score quantile that lets the wanted share of the remaining samples out
     thresholds, alive = [], torch.ones(x.shape[0], dtype=torch.bool)
@@ -62,32 +79,24 @@ def make_resnet50_export(
         left = 1.0
         for k, stage in enumerate(info["stages"][:-1]):
             h = stage.to(device)(h)
-            z = (
-                pool(h, info["poolings"][k], info["layouts"][k]) @ weights[k].t().to(device) + biases[k].to(device)
-            ).cpu()
-            s = z.topk(2, 1).values
-            s = s[:, 0] - s[:, 1]  # margin
-            share = fractions[k] / left
-            t = float(torch.quantile(s[alive], 1 - share))
+            gate = Gate(weights[k], biases[k], info["poolings"][k], info["layouts"][k]).to(device)
+            s = gate_scores(gate(h), "margin")[0].cpu()
+            t = float(torch.quantile(s[alive], 1 - fractions[k] / left))
             thresholds.append(t)
             alive &= s < t
             left -= fractions[k]
     for stage in info["stages"]:
         stage.to("cpu")
+    names = [c.name for c in info["cuts"]]
     cum = torch.tensor([c["macs"] for c in info["costs"]["stages"]], dtype=torch.float64).cumsum(0).tolist()
     data_ = {
-        "schema_version": 1,
+        "schema_version": manifest.SCHEMA_VERSION,
         "dgate_version": __version__,
         "model": bb.spec.to_dict(),
         "gates": [
-            {"name": c.name, "layout": lay, "pooling": p.to_dict(), "features": d, "cost": gc}
-            for c, lay, p, d, gc in zip(
-                info["cuts"],
-                info["layouts"],
-                info["poolings"],
-                info["feature_sizes"],
-                info["costs"]["gates"],
-                strict=True,
+            {"name": n, "layout": lay, "pooling": p.to_dict(), "features": d, "cost": gc}
+            for n, lay, p, d, gc in zip(
+                names, info["layouts"], info["poolings"], info["feature_sizes"], info["costs"]["gates"], strict=True
             )
         ],
         "pooling": policy.to_dict(),
@@ -96,47 +105,71 @@ def make_resnet50_export(
         "preprocess": bb.preprocess.to_dict(),
         "input_size": int(x.shape[-1]),
         "thresholds": thresholds,
+        "steps": [s.to_dict() for s in linear_plan(names)],
         "costs": {
-            "unit": "MACs",
-            "reach": [cum[i] for i in range(len(info["cuts"]))] + [cum[-1]],
+            "unit": info["costs"]["unit"],
+            "reach": [cum[i] for i in range(len(names))] + [cum[-1]],
             "gates": info["costs"]["gates"],
+            "stages": info["costs"]["stages"],
         },
     }
     write_export(out, bb.module.state_dict(), weights, biases, data_)
     return out
 
 
-def dgate_bench(
-    model_dir: Path,
-    data: str,
-    batch_sizes: str,
-    images: int,
-    repeats: int,
-    extra: list[str],
-    env: dict | None = None,
-    device: str = "cpu",
-) -> list[dict]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "dgate_cli",
-        "bench",
-        str(model_dir),
-        "--data",
-        data,
-        "--batch-size",
-        batch_sizes,
-        "--images",
-        str(images),
-        "--repeats",
-        str(repeats),
-        "--device",
-        device,
-        "--json",
-        *extra,
+def dgate_bench(model_dir: Path, a: argparse.Namespace, images: int, extra: list[str], env: dict | None = None) -> dict:
+    """One ``dgate bench --json`` process: its result (``BenchResult.to_dict()``)."""
+    cmd = [sys.executable, "-m", "dgate_cli", "bench", str(model_dir), "--data", a.data]
+    cmd += ["--batch-size", a.batch_size, "--images", str(images), "--repeats", str(a.repeats)]
+    cmd += ["--device", a.device, "--json", *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})})
+    if p.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr.strip()}")
+    res = json.loads(p.stdout)
+    SEEN.setdefault("device", res["device"])
+    SEEN.setdefault("machine", res["machine"])
+    return res
+
+
+def compare_backends(label: str, model_dir: Path, a: argparse.Namespace, images: int, extra: list[str]):
+    """Alternating ``dgate bench`` processes per backend: (per-backend median rows, ratio rows)."""
+    runs: dict[str, list[dict]] = {name: [] for name in BACKENDS}
+    for i in range(a.rounds):
+        for name in list(BACKENDS) if i % 2 == 0 else list(BACKENDS)[::-1]:
+            env, expected = BACKENDS[name]
+            res = dgate_bench(model_dir, a, images, extra, env)
+            if res["backends"] != expected:
+                sys.exit(
+                    f"{name}: dgate bench ran with backends {res['backends']}, expected {expected} (kernel built?)"
+                )
+            runs[name].append(res)
+    rows = [
+        _row(f"{label}, {name}", _median_row([res["rows"][k] for res in results]))
+        for name, results in runs.items()
+        for k in range(len(results[0]["rows"]))
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})})
-    return json.loads(out.stdout)
+    ratios = []
+    for k, r in enumerate(runs["kernel"][0]["rows"]):
+        kern = [res["rows"][k] for res in runs["kernel"]]
+        ref = [res["rows"][k] for res in runs["reference"]]
+        per_round = [f["gated_ms"] / g["gated_ms"] for f, g in zip(ref, kern, strict=True)]
+        ratios.append(
+            {
+                "model": label,
+                "batch": r["batch_size"],
+                "mode": r["mode"],
+                "ref_gated_ms": round(statistics.median(x["gated_ms"] for x in ref), 3),
+                "kernel_gated_ms": round(statistics.median(x["gated_ms"] for x in kern), 3),
+                "ref_over_kernel": round(statistics.median(per_round), 3),
+                "per_round": [round(v, 3) for v in per_round],
+                "ref_speedup": round(statistics.median(x["speedup"] for x in ref), 3),
+                "kernel_speedup": round(statistics.median(x["speedup"] for x in kern), 3),
+                "speedup_ratio": round(
+                    statistics.median(g["speedup"] / f["speedup"] for f, g in zip(ref, kern, strict=True)), 3
+                ),
+            }
+        )
+    return rows, ratios
 
 
 def main() -> None:
@@ -145,47 +178,61 @@ def main() -> None:
         "--r56", type=Path, nargs="+", default=[], help="calibrated CIFAR ResNet-56 exports (skipped if not given)"
     )
     ap.add_argument("--stream", action="store_true", help="also time throughput mode (dgate bench --stream)")
-    ap.add_argument(
-        "--cuda-graphs", action="store_true", help="also time with dgate bench --cuda-graphs (with --device cuda)"
-    )
     ap.add_argument("--data", default=str(CIFAR / "test"))
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (dgate bench --device)")
     ap.add_argument("--batch-size", default="1,32")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--r50-images", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over the images (noise)")
-    ap.add_argument("--only-cuda-graphs", action="store_true", help="time with dgate bench --cuda-graphs only")
     ap.add_argument("--skip-r50", action="store_true")
     ap.add_argument("--r50-dir", type=Path, help="keep the ResNet-50 export here (made if missing, else reused)")
     ap.add_argument(
         "--malloc-system", action="store_true", help="also time ResNet-56 with DGATE_MALLOC=system (no malloc tuning)"
     )
+    ap.add_argument(
+        "--compare-backends",
+        action="store_true",
+        help="time the gate kernel against the reference decisions (DGATE_KERNEL=0), alternating processes",
+    )
+    ap.add_argument("--rounds", type=int, default=2, help="with --compare-backends: processes per backend")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    require_shared()
-    rows = []
-    variants = []  # (label suffix, dgate bench flags)
-    if not a.only_cuda_graphs:
-        variants.append(("", ["--no-exits", *(["--stream"] if a.stream else [])]))
-    if a.cuda_graphs or a.only_cuda_graphs:  # (--stream runs eagerly: not with graphs)
-        variants.append((", CUDA graphs", ["--no-exits", "--cuda-graphs"]))
-    for r56 in a.r56:
-        r56 = r56.resolve()
-        for suffix, extra in variants:
-            for r in dgate_bench(r56, a.data, a.batch_size, a.images, a.repeats, extra, None, a.device):
-                rows.append(_row(f"resnet56 {r56.name}{suffix}", r))
-        if a.malloc_system:
-            for r in dgate_bench(r56, a.data, a.batch_size, a.images, a.repeats, [], {"DGATE_MALLOC": "system"}):
-                rows.append(_row(f"resnet56 {r56.name}, malloc system", r))
-    if not a.skip_r50:
-        with tempfile.TemporaryDirectory() as tmp:
+    if a.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    if a.data == str(CIFAR / "test"):
+        require_shared()
+    flags = ["--no-exits", *(["--stream"] if a.stream else [])]
+    rows: list[dict[str, Any]] = []
+    ratios: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [(f"{manifest.read(p)['model']['spec']} {p.name}", p.resolve(), a.images) for p in a.r56]
+        if not a.skip_r50:
             d = a.r50_dir.resolve() if a.r50_dir else Path(tmp) / "r50"
-            if not (d / "dgate.json").is_file():
+            if not (d / manifest.MANIFEST).is_file():
                 make_resnet50_export(d, a.data, a.r50_images, device=a.device)
-            for suffix, extra in variants:
-                for r in dgate_bench(d, a.data, a.batch_size, a.r50_images, a.repeats, extra, device=a.device):
-                    rows.append(_row(f"resnet50 30/20/20% exits{suffix}", r))
-    emit(rows, a.json, title=f"dgate bench ({a.device}): {rows[0]['device'] if rows else ''}")
+            models.append(("resnet50 30/20/20% exits", d, a.r50_images))
+        for label, d, n in models:
+            if a.compare_backends:
+                r, q = compare_backends(label, d, a, n, flags)
+                rows += r
+                ratios += q
+            else:
+                rows += [_row(label, r) for r in dgate_bench(d, a, n, flags)["rows"]]
+            if a.malloc_system and not label.startswith("resnet50"):
+                res = dgate_bench(d, a, n, [], {"DGATE_MALLOC": "system"})
+                rows += [_row(f"{label}, malloc system", r) for r in res["rows"]]
+    tables = {"bench": (f"dgate bench ({a.device}); exits: % per gate, then the backbone", rows)}
+    if a.compare_backends:
+        title = f"gate kernel vs reference decisions, {a.rounds} alternating dgate bench processes each"
+        tables["backends"] = (title, ratios)
+    emit(tables, a.json, dict(SEEN))
+
+
+def _median_row(rs: list[dict]) -> dict:
+    """One dgate bench row from several runs of it: the median of each timing, the first run's exits."""
+    keys = ("backbone_ms", "gated_ms", "speedup", "backbone_images_per_s", "gated_images_per_s")
+    med = {k: statistics.median(r[k] for r in rs) for k in keys}
+    return {**rs[0], **med, "efficiency": med["speedup"] / rs[0]["ideal_speedup"]}
 
 
 def _row(label: str, r: dict) -> dict:
@@ -202,7 +249,6 @@ def _row(label: str, r: dict) -> dict:
         "exits": "/".join(f"{100 * f:.0f}" for f in r["exit_fractions"]),
         "backbone_img_s": round(r["backbone_images_per_s"], 1),
         "gated_img_s": round(r["gated_images_per_s"], 1),
-        "device": r["device"],
     }
 
 

@@ -1,8 +1,8 @@
-"""``dgate export`` and :func:`load`: a gated model as ``model.safetensors`` + ``dgate.json``.
+"""``dgate export``: a gated model as ``model.safetensors`` + ``dgate.json`` (read back by :func:`dgate_cli.load`).
 
 ``model.safetensors`` holds the backbone's state dict under ``backbone.`` and each gate as
 ``gates.<i>.weight`` (K, D) and ``gates.<i>.bias`` (K,), on raw pooled features. ``dgate.json``
-holds everything needed to rebuild the model and to explain it (see :mod:`dgate_cli.manifest`)."""
+holds everything needed to rebuild the model and to explain it (see :mod:`dgate_cli.runtime.manifest`)."""
 
 from __future__ import annotations
 
