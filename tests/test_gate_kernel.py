@@ -111,3 +111,10 @@ def test_the_kernel_can_be_turned_off(monkeypatch):
     assert gate_kernel.status() == "off (DGATE_KERNEL=0)"
     assert gate_kernel.default() is None and default_backends(torch.device("cpu")) == []
     assert default_backends(torch.device("meta")) == []  # only CPUs have it
+
+
+def test_default_backends_take_a_device_or_its_name():
+    names = [b.name for b in default_backends("cpu")]
+    assert names == ([] if gate_kernel.status() != "on" else ["gate kernel"])
+    assert [b.name for b in default_backends(torch.device("cpu"))] == names
+    assert default_backends("cuda") == [] and default_backends("meta") == []

@@ -183,7 +183,7 @@ class LinearGate:
             return value
 
         opt.step(closure)
-        state = opt.state[opt._params[0]]
+        state = opt.state[W]
         self.n_iter_ = int(state.get("n_iter", 0))
         self.coef_ = W.detach().t().contiguous().cpu()
         self.intercept_ = b.detach().cpu()

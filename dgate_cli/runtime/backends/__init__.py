@@ -9,10 +9,10 @@ import torch
 from ..decisions import Backend
 
 
-def default_backends(device: torch.device) -> list[Backend]:
+def default_backends(device: torch.device | str) -> list[Backend]:
     """The backends :func:`dgate_cli.load` uses on ``device`` unless told otherwise: on a CPU the
     gate kernel, where the install built it (:mod:`.gate_kernel`)."""
     from . import gate_kernel
 
-    kernel = gate_kernel.default() if device.type == "cpu" else None
+    kernel = gate_kernel.default() if torch.device(device).type == "cpu" else None
     return [kernel] if kernel is not None else []
