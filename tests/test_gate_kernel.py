@@ -76,6 +76,23 @@ def test_the_kernel_declines_what_it_does_not_support(gate, h, rule):
 
 
 @needs_kernel
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_one_binding_serves_every_batch_size(channels_last: bool):
+    kernel = gate_kernel.GateKernel()
+    gate = a_gate(Pooling((2,)))
+    h = stage_output(40, channels_last)
+    t = robust_cut(gate_scores(gate(h), "margin")[0], 0.5)
+    for n in (40, 17, 5, 2):  # the survivor batch sizes of a run
+        d = kernel.decide(0, gate, h[:n].contiguous(memory_format=h_format(channels_last)), t, "margin")
+        assert torch.equal(d.leave, decide(gate, h[:n], t, "margin").leave)
+    assert len(kernel._bound) == 1  # not a copy of the gate's weights per batch size
+
+
+def h_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@needs_kernel
 def test_edited_gate_weights_reach_the_kernel():
     kernel = gate_kernel.GateKernel()
     gate = a_gate(Pooling((2,)))

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..runtime.operating_point import select as select_operating_point
 from ._output import fail
 
 RunDir = Annotated[
@@ -155,16 +156,6 @@ def thresholds_list(value: str | None) -> list[float] | None:
         fail(f"--thresholds must be one number (or inf) per gate like 1.5,inf, got '{value}'")
 
 
-def one_operating_point(max_drop: float | None, thresholds: str | None) -> None:
-    if max_drop is not None and thresholds is not None:
-        fail("give --max-drop or --thresholds, not both")
-
-
 def choose_operating_point(model: Any, max_drop: float | None, thresholds: str | None) -> None:
     """Apply ``--max-drop`` (a stored frontier point) or ``--thresholds`` (explicit) to a loaded model."""
-    one_operating_point(max_drop, thresholds)
-    if max_drop is not None:
-        model.use_operating_point(max_drop=max_drop)
-    values = thresholds_list(thresholds)
-    if values is not None:
-        model.set_thresholds(values)
+    select_operating_point(model, max_drop, thresholds_list(thresholds))

@@ -12,7 +12,6 @@ from rich.table import Table
 from .._device import resolve_device, resolve_dtype
 from ..data.datasets import open_dataset
 from ..data.loader import iterate, make_loader, spread
-from ..data.preprocess import Preprocess
 from ..evaluation.bench import bench
 from ..runtime.loading import load
 from . import _options as o
@@ -78,7 +77,7 @@ def bench_command(
     model = load(model_dir, device=dev, verify=not no_verify, trust_code=trust_code)
     model.stages.to(stage_dtype)  # the gates stay float32
     o.choose_operating_point(model, max_drop, thresholds)
-    pre = Preprocess.from_dict(model.manifest["preprocess"])
+    pre = model.preprocess
     ds = open_dataset(data, pre)
     xs, ys = [], []
     for x, y, _ in iterate(make_loader(ds, 256, indices=spread(len(ds), images))):

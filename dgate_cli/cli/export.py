@@ -67,7 +67,6 @@ def evaluate_command(
 
     Example: dgate evaluate models/r56-gated --data cifar10-jpeg/test --max-drop 0.005
     """
-    o.one_operating_point(max_drop, thresholds)
     with progress(enabled=not json) as bar:
         r = evaluate(
             model_dir,

@@ -16,6 +16,7 @@ from ..data.loader import iterate, make_loader, spread
 from ..errors import DataError
 from ..pipeline.extract import class_difference
 from ..runtime.loading import load
+from ..runtime.operating_point import select as select_operating_point
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -105,10 +106,7 @@ def evaluate(
     t0 = time.perf_counter()
     dev = resolve_device(device)
     model = load(directory, device=dev, verify=verify, trust_code=trust_code)
-    if max_drop is not None:
-        model.use_operating_point(max_drop=max_drop)
-    if thresholds is not None:
-        model.set_thresholds(list(thresholds))
+    select_operating_point(model, max_drop, thresholds)
     pre = model.preprocess
     ds = open_dataset(data, pre)
     classes = model.classes

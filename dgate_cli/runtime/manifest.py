@@ -25,6 +25,7 @@ from ..data.preprocess import Preprocess
 from ..errors import ManifestError, SpecError
 from ..gates.pooling import LAYOUTS
 from ..gates.scores import SCORES
+from .plan import SOURCES
 
 SCHEMA_VERSION = 2  # 2: the execution plan ("steps"); version 1 manifests are migrated on read
 MANIFEST = "dgate.json"
@@ -169,8 +170,8 @@ def _check_steps(source: str, steps: list[Any], G: int) -> None:
     for i, step in enumerate(steps):
         if not isinstance(step, dict) or not isinstance(step.get("kind"), str) or not isinstance(step.get("name"), str):
             raise ManifestError(f"{source}: steps[{i}] needs a 'kind' and a 'name'; re-export the model")
-        if step.get("source", "previous") not in ("previous", "input"):
-            raise ManifestError(f"{source}: steps[{i}].source must be previous or input; re-export the model")
+        if step.get("source", "previous") not in SOURCES:
+            raise ManifestError(f"{source}: steps[{i}].source must be {' or '.join(SOURCES)}; re-export the model")
         gates.append(step.get("gate"))
     if gates != [*range(G), None]:
         raise ManifestError(

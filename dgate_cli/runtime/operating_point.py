@@ -38,6 +38,18 @@ def parse_thresholds(values: Sequence[float | str | None], num_gates: int) -> li
     return [t if math.isinf(t) else _finite_f32(t) for t in parsed]
 
 
+def select(model: Any, max_drop: float | None = None, thresholds: Sequence[float | str | None] | None = None) -> None:
+    """Put ``model`` (a :class:`GatedModel`) at the stored frontier point within ``max_drop``, or at
+    ``thresholds``; neither given: leave it as it is. What ``evaluate`` and ``bench`` do with
+    ``--max-drop`` / ``--thresholds``."""
+    if max_drop is not None and thresholds is not None:
+        raise SpecError("give --max-drop or --thresholds, not both")
+    if max_drop is not None:
+        model.use_operating_point(max_drop=max_drop)
+    if thresholds is not None:
+        model.set_thresholds(list(thresholds))
+
+
 def pick_point(
     frontier: Sequence[OperatingPoint],
     calibration: Mapping[str, Any],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -60,9 +61,9 @@ class GateOutcomes:
                 f"gate costs {tuple(self.gate_costs.shape)}"
             )
 
-    @property
+    @cached_property
     def cost(self) -> CostModel:
-        """The cost model of these outcomes (built from ``reach_costs`` and ``gate_costs``)."""
+        """The cost model of these outcomes (built once from ``reach_costs`` and ``gate_costs``)."""
         return CostModel(tuple(self.reach_costs.tolist()), tuple(self.gate_costs.tolist()))
 
     @property
@@ -108,7 +109,7 @@ class GateOutcomes:
         counts = torch.bincount(e, minlength=self.num_gates + 1)
         mean_cost = float(self.exit_costs(t < INF)[e].mean())
         return OperatingPoint(
-            thresholds=tuple(float(v) for v in torch.as_tensor(thresholds, dtype=torch.float64)),
+            thresholds=tuple(float(v) for v in t),
             accuracy=float(correct.double().mean()),
             mean_cost=mean_cost,
             cost_ratio=mean_cost / self.backbone_cost,

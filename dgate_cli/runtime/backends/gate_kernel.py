@@ -67,21 +67,24 @@ class GateKernel:
     def __init__(self) -> None:
         if _gates is None:
             raise RuntimeError(status())
-        self._bound: dict[tuple, tuple] = {}  # per gate and stage output shape: (params, what it points into)
+        self._bound: dict[tuple, tuple] = {}  # per gate and sample layout: (params, K, what they point into, signature)
 
     def decide(self, g: int, gate: Gate, h: torch.Tensor, threshold: float, rule: str) -> Decision | None:
-        key = (g, h.shape, h.stride(), h.dtype, h.is_cpu, h.requires_grad, rule)
+        n = h.shape[0]
+        if n > 1 and h.numel() > MAX_VALUES:  # PyTorch pools large batches on every thread
+            return None
+        # the binding depends on one sample's shape and layout, not on the batch size
+        key = (g, h.shape[1:], h.stride(), h.dtype, h.is_cpu, h.requires_grad, rule)
         bound = self._bound.get(key)
         w, b = gate.weight, gate.bias
         signature = (w.data_ptr(), b.data_ptr(), _version(w), _version(b))  # changed by any edit of the gate
         if bound is None or bound[3] != signature:
-            if len(self._bound) > 1024:  # one entry per gate and shape seen: keep it bounded
+            if len(self._bound) > 1024:  # one entry per gate and sample layout seen: keep it bounded
                 self._bound.clear()
             bound = self._bound[key] = (*self._bind(gate, h, rule), signature)
         if bound[0] is None:
             return None
         address, k = bound[0], bound[1]
-        n = h.shape[0]
         if n == 1:
             if _gates.gate(h.data_ptr(), address) < threshold:
                 return _STAYS  # nobody leaves: no outputs or classes needed
@@ -112,7 +115,6 @@ class GateKernel:
             or h.dim() != 4
             or h.requires_grad
             or not h.numel()
-            or (h.shape[0] > 1 and h.numel() > MAX_VALUES)
             or gate.weight.dtype != torch.float32
             or not gate.weight.is_cpu
         ):
