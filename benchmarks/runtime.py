@@ -42,16 +42,15 @@ from typing import Any
 import torch
 from _common import CIFAR, REPO, emit, require_shared
 
-from dgate_cli import __version__
 from dgate_cli.data.datasets import open_dataset
 from dgate_cli.data.loader import iterate, make_loader, spread
 from dgate_cli.gates.pooling import PoolingPolicy
 from dgate_cli.gates.scores import gate_scores
 from dgate_cli.models.backbone import build_backbone
-from dgate_cli.pipeline.export import write_export
+from dgate_cli.pipeline.export import manifest_data, write_export
 from dgate_cli.pipeline.extract import describe_run
 from dgate_cli.runtime import manifest
-from dgate_cli.runtime.plan import Gate, linear_plan
+from dgate_cli.runtime.plan import Gate
 
 # decision backends as a `dgate bench` process gets them: its environment, and the names it reports
 BACKENDS = {"kernel": ({}, ["gate kernel"]), "reference": ({"DGATE_KERNEL": "0"}, [])}
@@ -89,30 +88,27 @@ def make_resnet50_export(
         stage.to("cpu")
     names = [c.name for c in info["cuts"]]
     cum = torch.tensor([c["macs"] for c in info["costs"]["stages"]], dtype=torch.float64).cumsum(0).tolist()
-    data_ = {
-        "schema_version": manifest.SCHEMA_VERSION,
-        "dgate_version": __version__,
-        "model": bb.spec.to_dict(),
-        "gates": [
+    data_ = manifest_data(
+        model=bb.spec.to_dict(),
+        gates=[
             {"name": n, "layout": lay, "pooling": p.to_dict(), "features": d, "cost": gc}
             for n, lay, p, d, gc in zip(
                 names, info["layouts"], info["poolings"], info["feature_sizes"], info["costs"]["gates"], strict=True
             )
         ],
-        "pooling": policy.to_dict(),
-        "score": "margin",
-        "classes": ds.classes,
-        "preprocess": bb.preprocess.to_dict(),
-        "input_size": int(x.shape[-1]),
-        "thresholds": thresholds,
-        "steps": [s.to_dict() for s in linear_plan(names)],
-        "costs": {
+        pooling=policy.to_dict(),
+        score="margin",
+        classes=ds.classes,
+        preprocess=bb.preprocess.to_dict(),
+        input_size=int(x.shape[-1]),
+        thresholds=thresholds,
+        costs={
             "unit": info["costs"]["unit"],
             "reach": [cum[i] for i in range(len(names))] + [cum[-1]],
             "gates": info["costs"]["gates"],
             "stages": info["costs"]["stages"],
         },
-    }
+    )
     write_export(out, bb.module.state_dict(), weights, biases, data_)
     return out
 

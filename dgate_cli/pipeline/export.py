@@ -76,13 +76,9 @@ def _export(
         )
     names = calib["gates"]
     idx = [config.gates.index(n) for n in names]
-    data: dict[str, Any] = {
-        "schema_version": manifest.SCHEMA_VERSION,
-        "dgate_version": __version__,
-        "model": config.model,
-        "weights": {"file": manifest.WEIGHTS, "sha256": ""},
-        "source_weights": config.weights,
-        "gates": [
+    data = manifest_data(
+        model=config.model,
+        gates=[
             {
                 "name": n,
                 "layout": config.layouts[i],
@@ -92,27 +88,27 @@ def _export(
             }
             for k, (n, i) in enumerate(zip(names, idx, strict=True))
         ],
-        "pooling": config.pooling,
-        "score": calib["score"],
-        "loss": fitted.loss,
-        "target": fitted.target,
-        "classes": config.classes,
-        "preprocess": config.preprocess,
-        "input_size": config.input_size,
-        "thresholds": calib["chosen"]["thresholds"],
-        "steps": [s.to_dict() for s in linear_plan(names)],
-        "costs": {
+        pooling=config.pooling,
+        score=calib["score"],
+        classes=config.classes,
+        preprocess=config.preprocess,
+        input_size=config.input_size,
+        thresholds=calib["chosen"]["thresholds"],
+        costs={
             "unit": calib["costs"]["unit"],
             "reach": calib["costs"]["reach"],
             "gates": calib["costs"]["gates"],
             "stages": config.costs["stages"],
         },
-        "calibration": {
+        source_weights=config.weights,
+        loss=fitted.loss,
+        target=fitted.target,
+        calibration={
             k: calib[k]
             for k in ("split", "num_samples", "target", "target_accuracy", "backbone_accuracy", "chosen", "sequential")
         },
-        "frontier": calib["frontier"],
-    }
+        frontier=calib["frontier"],
+    )
     return write_export(
         out_dir,
         state,
@@ -120,6 +116,39 @@ def _export(
         [fitted.biases[n] for n in names],
         data,
     )
+
+
+def manifest_data(
+    *,
+    model: dict[str, Any],
+    gates: list[dict[str, Any]],
+    pooling: dict[str, Any],
+    score: str,
+    classes: list[str],
+    preprocess: dict[str, Any],
+    input_size: int,
+    thresholds: list[float | str],
+    costs: dict[str, Any],
+    **optional: Any,
+) -> dict[str, Any]:
+    """The manifest of a single gated network (without the weights' sha256, which
+    :func:`write_export` adds): its plan is each gate in order, then the head. ``optional``:
+    the manifest's optional fields (``source_weights``, ``calibration``, ``frontier``, ...)."""
+    return {
+        "schema_version": manifest.SCHEMA_VERSION,
+        "dgate_version": __version__,
+        "model": model,
+        "gates": gates,
+        "pooling": pooling,
+        "score": score,
+        "classes": classes,
+        "preprocess": preprocess,
+        "input_size": input_size,
+        "thresholds": thresholds,
+        "steps": [s.to_dict() for s in linear_plan([g["name"] for g in gates])],
+        "costs": costs,
+        **optional,
+    }
 
 
 def write_export(
