@@ -48,7 +48,7 @@ from dgate_cli.gates.pooling import PoolingPolicy
 from dgate_cli.gates.scores import gate_scores
 from dgate_cli.models.backbone import build_backbone
 from dgate_cli.pipeline.export import manifest_data, write_export
-from dgate_cli.pipeline.extract import describe_run
+from dgate_cli.pipeline.extract_setup import describe_run
 from dgate_cli.runtime import manifest
 from dgate_cli.runtime.plan import Gate
 

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from dgate_cli.cli.app import app
 from dgate_cli.errors import DataError, SpecError
 from dgate_cli.models.backbone import build_backbone
-from dgate_cli.models.families import END_FRACTION, GENERIC, CutCost, excluded_because, spread_by_cost
+from dgate_cli.models.cost_defaults import END_FRACTION, CutCost, excluded_because, spread_by_cost
+from dgate_cli.models.families import GENERIC
 from dgate_cli.models.staging import run_stages
 from dgate_cli.pipeline.stages import list_stages
 

@@ -14,7 +14,7 @@ from .._device import describe, resolve_device
 from ..data.datasets import open_dataset
 from ..data.loader import iterate, make_loader, spread
 from ..errors import DataError
-from ..pipeline.extract import class_difference
+from ..pipeline.extract_setup import class_difference
 from ..runtime.loading import load
 from ..runtime.operating_point import select as select_operating_point
 

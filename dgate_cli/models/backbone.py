@@ -23,7 +23,8 @@ from ..data.preprocess import Preprocess, from_torchvision_weights
 from ..errors import SpecError, UntrustedCodeError, WeightsError
 from ..gates.pooling import DEFAULT_BUDGET
 from .cifar_resnet import cifar_resnet
-from .families import END_FRACTION, CostProfile, DefaultGate, Family, family_of, profile_cuts, spread_by_cost
+from .cost_defaults import END_FRACTION, CostProfile, DefaultGate, profile_cuts, spread_by_cost
+from .families import Family, family_of
 from .specs import ModelSpec, WeightsRef, parse_model_spec
 from .staging import Cut, StageGraph, eval_mode
 from .weights import load_into, read_state_dict
@@ -155,7 +156,7 @@ class Backbone:
         A family's declared defaults are kept ("family default (NAME)"). A model without declared
         defaults gets gates spread over it by cost: for each ``k/9`` of its MACs the nearest cut point
         that pools to at most 1024 features, none past 17/18 (94.4%) of the MACs
-        (:func:`dgate_cli.models.families.spread_by_cost`), counted at ``input_size``.
+        (:func:`dgate_cli.models.cost_defaults.spread_by_cost`), counted at ``input_size``.
 
         Example:
             >>> bb = build_backbone("cifar_resnet20")

@@ -16,31 +16,13 @@ import torchvision.models as tvm
 from torch import nn
 
 from .cifar_resnet import CifarResNet
-from .cost_defaults import (
-    END_FRACTION,
-    SPREAD,
-    CostProfile,
-    CutCost,
-    DefaultGate,
-    excluded_because,
-    profile_cuts,
-    spread_by_cost,
-)
 
 __all__ = [
-    "END_FRACTION",
     "FAMILIES",
     "GENERIC",
-    "SPREAD",
-    "CostProfile",
-    "CutCost",
-    "DefaultGate",
     "Family",
-    "excluded_because",
     "family_of",
-    "profile_cuts",
     "register",
-    "spread_by_cost",
 ]
 
 

@@ -22,26 +22,19 @@ from ..gates.pooling import Pooling, PoolingPolicy, pool
 from ..models.backbone import Backbone, build_backbone
 from ..models.flops import UNIT
 from .extract_setup import (
-    MAX_SIDE,
     check_classes,
     check_feature_memory,
     check_input_size,
-    class_difference,
     describe_run,
     example_input,
     prepare_run_dir,
 )
 
 __all__ = [
-    "MAX_SIDE",
     "SHARD_BYTES",
     "ExtractResult",
     "ProgressFn",
     "SplitSummary",
-    "check_feature_memory",
-    "check_input_size",
-    "class_difference",
-    "describe_run",
     "extract",
 ]
 
