@@ -42,6 +42,7 @@ class SplitIndex:
     classes: list[str]
     shards: list[dict[str, Any]] = field(default_factory=list)
     complete: bool = False
+    listing: str | None = None  # which files, without their times (see ImageDataset.listing)
 
     @property
     def done(self) -> int:

@@ -16,7 +16,8 @@ from ._output import err, fail
 app = typer.Typer(
     name="dgate",
     help="Retrofit decision gates onto a pretrained image classifier so that easy images exit early.\n\n"
-    "Pipeline: extract -> fit -> calibrate -> export -> evaluate / bench. Try `dgate demo` first.",
+    "Pipeline: extract -> fit -> calibrate -> export -> evaluate / bench. Try `dgate demo` first. "
+    "`dgate cascade` chains several extracted networks into one model that runs through the same pipeline.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -50,6 +51,7 @@ def command(name: str, fn: Callable[..., Any]) -> None:
 
 from .bench import bench_command  # noqa: E402
 from .calibrate import calibrate_command  # noqa: E402
+from .cascade import cascade_command  # noqa: E402
 from .demo import demo_command  # noqa: E402
 from .export import evaluate_command, export_command  # noqa: E402
 from .extract import extract_command  # noqa: E402
@@ -60,6 +62,7 @@ command("demo", demo_command)
 command("extract", extract_command)
 command("fit", fit_command)
 command("calibrate", calibrate_command)
+command("cascade", cascade_command)
 command("export", export_command)
 command("evaluate", evaluate_command)
 command("bench", bench_command)

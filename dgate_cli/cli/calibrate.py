@@ -8,11 +8,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..errors import SpecError
 from ..evaluation.plot import check_plot_path, plot_frontiers
 from ..models.flops import human
 from ..pipeline.calibrate import CalibrationResult, calibrate
+from ..pipeline.cascade import is_cascade
+from ..pipeline.cascade_calibrate import calibrate_cascade
 from . import _options as o
 from ._output import out, pct, print_json, warn
+from .cascade import render_variants
 
 
 def calibrate_command(
@@ -60,6 +64,18 @@ def calibrate_command(
             max=0.99,
         ),
     ] = 0.0,
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="Cascades: exit on each exit's rule ('threshold'), on the policies `dgate fit` learned ('learned'), or the cheaper at the target ('auto')."
+        ),
+    ] = "auto",
+    ensemble: Annotated[
+        str,
+        typer.Option(
+            help="Cascades: later members answer alone ('off'), with the average of the members' probabilities so far ('on'), or whichever is cheaper ('auto')."
+        ),
+    ] = "auto",
     plot: Annotated[
         Path | None,
         typer.Option(help="Draw the accuracy/cost frontier to this PNG (needs matplotlib).", show_default=False),
@@ -76,17 +92,36 @@ def calibrate_command(
     """
     if plot is not None:
         check_plot_path(plot)  # before the work, not after it
-    result = calibrate(
-        run_dir,
-        target_acc=target_acc,
-        max_drop=max_drop,
-        split=split,
-        score=score,
-        gates=o.split_list(gates),
-        confidence=confidence,
-        reserve=reserve,
-        gate_overhead=gate_overhead,
-    )
+    if is_cascade(run_dir):
+        if score is not None or gates is not None:
+            raise SpecError("--score and --gates apply to a single network, not to a cascade; leave them out")
+        result = calibrate_cascade(
+            run_dir,
+            target_acc=target_acc,
+            max_drop=max_drop,
+            split=split,
+            confidence=confidence,
+            reserve=reserve,
+            policy=policy,
+            ensemble=ensemble,
+            gate_overhead=gate_overhead,
+        )
+    elif policy != "auto" or ensemble != "auto":
+        raise SpecError(
+            "--policy and --ensemble apply to cascades (`dgate cascade`); leave them out for a single network"
+        )
+    else:
+        result = calibrate(
+            run_dir,
+            target_acc=target_acc,
+            max_drop=max_drop,
+            split=split,
+            score=score,
+            gates=o.split_list(gates),
+            confidence=confidence,
+            reserve=reserve,
+            gate_overhead=gate_overhead,
+        )
     if plot is not None:
         plot_frontiers(
             {f"d-gates ({result.score})": [(p.cost_ratio, p.accuracy) for p in result.frontier.points]},
@@ -147,8 +182,10 @@ def render(r: CalibrationResult) -> None:
             pct(c.exit_fractions[g], 1),
             human(r.reach_costs[g] + spent),
         )
-    chosen.add_row("backbone", "-", pct(c.exit_fractions[-1], 1), human(r.backbone_cost + spent))
+    chosen.add_row("end", "-", pct(c.exit_fractions[-1], 1), human(r.reach_costs[-1] + spent))
     out.print(chosen)
+    if r.cascade is not None:
+        render_variants(r)
     if r.target.get("reserve"):
         out.print(
             f"'promises': the accuracy each point should keep on new data; on {r.split} it keeps "

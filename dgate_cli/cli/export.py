@@ -101,3 +101,8 @@ def evaluate_command(
         table.add_row(c, *[f"{100 * v / total:.0f}%" if total else "-" for v in row])
     table.add_row("[bold]all[/]", *[f"[bold]{100 * f:.1f}%[/]" for f in r.exit_fractions])
     out.print(table)
+    if r.members is not None:
+        out.print(
+            "cascade (accuracy and flops_ratio against the last member alone): "
+            + "; ".join(f"{m['name']} ran for {pct(m['ran'], 1)}, answered {pct(m['answered'], 1)}" for m in r.members)
+        )

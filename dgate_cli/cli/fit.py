@@ -8,9 +8,12 @@ import typer
 from rich.table import Table
 
 from ..gates.linear import DEFAULT_C_GRID
+from ..pipeline.cascade import is_cascade
 from ..pipeline.fit import fit
+from ..pipeline.policies import fit_cascade
 from . import _options as o
 from ._output import note, out, pct, print_json, progress
+from .cascade import render_policy_fit
 
 
 def fit_command(
@@ -42,8 +45,19 @@ def fit_command(
     linear SVMs (squared hinge, L2), so its outputs are signed distances to each class boundary.
     Features are standardised; the standardisation is folded into the weights.
 
+    On a cascade run directory (`dgate cascade`) it fits learned exit policies instead, on the val
+    split with cross-fitting (the members' gates are already fitted).
+
     Example: dgate fit runs/r56
     """
+    if is_cascade(run_dir):
+        with progress(enabled=not json, unit="variants") as bar:
+            fitted = fit_cascade(run_dir, progress=bar)
+        if json:
+            print_json(fitted.to_dict())
+        else:
+            render_policy_fit(fitted)
+        return
     grid = ", ".join(f"{c:g}" for c in DEFAULT_C_GRID)
     with progress(enabled=not json, unit="gates") as bar:
         result = fit(

@@ -68,6 +68,11 @@ class ImageDataset(Dataset[Sample]):
     def fingerprint(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def listing(self) -> str:  # pragma: no cover - abstract
+        """sha256 of which files the dataset holds (names, labels, sizes), without modification
+        times: equal for two copies of the same files (what a cascade's members must share)."""
+        raise NotImplementedError
+
     @property
     def labels(self) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -213,6 +218,12 @@ class FolderDataset(ImageDataset):
             h.update(f"{rel}\t{label}\t{size}\t{mtime_ns}\n".encode())
         return h.hexdigest()
 
+    def listing(self) -> str:
+        h = hashlib.sha256()
+        for (path, label), (size, _) in zip(self.samples, self._stats, strict=True):
+            h.update(f"{os.path.relpath(path, self.root)}\t{label}\t{size}\n".encode())
+        return h.hexdigest()
+
 
 class Cifar10Dataset(ImageDataset):
     """torchvision's CIFAR-10 python files already on disk (never downloaded)."""
@@ -250,6 +261,14 @@ class Cifar10Dataset(ImageDataset):
         for name, _md5 in files:
             st = (folder / name).stat()
             h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    def listing(self) -> str:
+        folder = Path(self.spec.root) / self.base.base_folder
+        files = self.base.train_list if self.spec.split == "train" else self.base.test_list
+        h = hashlib.sha256()
+        for name, _md5 in files:
+            h.update(f"{name}\t{(folder / name).stat().st_size}\n".encode())
         return h.hexdigest()
 
 

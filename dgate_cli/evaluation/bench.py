@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .._device import describe, sync
+from ..errors import SpecError
 from ..runtime.backends.malloc import malloc_state
 from ..runtime.model import GatedModel, GatedOutput
 
@@ -42,7 +43,8 @@ class BenchRow:
             ``stream`` (:meth:`GatedModel.stream`: survivors of several batches share a stage
             batch; latencies are then mean and worst time per input batch over the passes) or
             ``no-exit`` (batch mode with every open gate computed and nobody leaving: the gates'
-            overhead, a speed-up below 1).
+            overhead, a speed-up below 1) or, for a cascade, ``member NAME`` (that member alone,
+            without gates, against the reference: the last member).
     """
 
     batch_size: int
@@ -128,6 +130,8 @@ def bench(
         >>> r = bench(load("models/r56-gated"), x, y, batch_sizes=[1, 32])  # doctest: +SKIP
         >>> r.rows[0].speedup, r.rows[0].ideal_speedup  # doctest: +SKIP
     """
+    if stream and "members" in model.manifest:
+        raise SpecError("--stream times single networks; leave it out for a cascade")
     device = images.device
     model.eval()
     result = BenchResult(
@@ -170,7 +174,62 @@ def bench(
                 model.set_thresholds(kept)
             lat = _latencies(t_bb, t_g)
             result.rows.append(_row(model, b, len(t_g), len(t_g) * b, t_bb, t_g, lat, exits, acc, bb_acc, "no-exit"))
+        if "members" in model.manifest:  # a cascade: each member alone against the reference too
+            for k, entry in enumerate(model.manifest["members"][:-1]):
+                result.rows.append(
+                    _member_row(model, k, entry, batches, images, labels, bb_acc, b, warmup, repeats, progress)
+                )
     return result
+
+
+def _member_row(
+    model: GatedModel,
+    k: int,
+    entry: dict[str, Any],
+    batches: list[torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    bb_acc: float | None,
+    b: int,
+    warmup: int,
+    repeats: int,
+    progress: ProgressFn | None,
+) -> BenchRow:
+    """Cascade member ``k`` alone (no gates) against the reference, as a row of mode ``member NAME``:
+    its speed-up and the one its MACs promise (its normalisation included)."""
+    member, reference = model.member(k), model.backbone()
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for xb in batches:
+                member(xb)
+                reference(xb)
+        pairs = [(partial(member, x), partial(reference, x)) for x in batches * max(1, repeats)]
+        t_bb, t_g, _ = _interleaved(pairs, batches[0].device, f"batch size {b}, {entry['name']} alone", progress)
+    lat = _latencies(t_bb, t_g)
+    acc = _accuracy(lambda x: member(x).argmax(1), images, labels, b) if labels is not None else None
+    cost = float(entry["macs"]) + 3 * model.manifest["input_size"] ** 2  # as the cascade counts it
+    ratio = cost / model.cost.backbone  # type: ignore[union-attr]
+    n = len(t_g) * b
+    speedup = sum(t_bb) / sum(t_g)
+    return BenchRow(
+        batch_size=b,
+        batches=len(t_g),
+        images=n,
+        backbone_ms=1e3 * lat[0],
+        gated_ms=1e3 * lat[1],
+        backbone_p95_ms=1e3 * lat[2],
+        gated_p95_ms=1e3 * lat[3],
+        backbone_images_per_s=n / sum(t_bb),
+        gated_images_per_s=n / sum(t_g),
+        speedup=speedup,
+        ideal_speedup=1 / ratio,
+        efficiency=speedup * ratio,
+        flops_ratio=ratio,
+        exit_fractions=[],
+        accuracy=acc,
+        backbone_accuracy=bb_acc,
+        mode=f"member {entry['name']}",
+    )
 
 
 def _time_batches(

@@ -16,6 +16,7 @@ from ..data.loader import iterate, make_loader, spread
 from ..errors import DataError
 from ..pipeline.extract_setup import class_difference
 from ..runtime.loading import load
+from ..runtime.model import GatedModel
 from ..runtime.operating_point import select as select_operating_point
 
 ProgressFn = Callable[[str, int, int], None]
@@ -46,6 +47,7 @@ class EvaluateResult:
     device: str
     seconds: float
     samples: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    members: list[dict[str, Any]] | None = None
 
     @property
     def flops_ratio(self) -> float:
@@ -73,6 +75,7 @@ class EvaluateResult:
             "thresholds": [t if t != float("inf") else "inf" for t in self.thresholds],
             "device": self.device,
             "seconds": round(self.seconds, 3),
+            **({"members": self.members} if self.members is not None else {}),
         }
 
 
@@ -153,4 +156,16 @@ def evaluate(
         device=describe(dev),
         seconds=time.perf_counter() - t0,
         samples=s,
+        members=member_shares(model, counts) if "members" in model.manifest else None,
     )
+
+
+def member_shares(model: GatedModel, counts: torch.Tensor) -> list[dict[str, Any]]:
+    """Per cascade member: the fraction of images that ran it and the fraction it answered (that
+    left at one of its exits)."""
+    owner = torch.tensor(model.exit_members())
+    n = float(counts.sum())
+    return [
+        {"name": m["name"], "ran": float(counts[owner >= k].sum()) / n, "answered": float(counts[owner == k].sum()) / n}
+        for k, m in enumerate(model.manifest["members"])
+    ]

@@ -41,3 +41,17 @@ def gate_scores(outputs: torch.Tensor, score: str) -> tuple[torch.Tensor, torch.
     if score == "entropy":
         return (logp.exp() * logp).sum(1), logp.argmax(1)
     raise SpecError(f"unknown gate score '{score}'; choose one of {', '.join(SCORES)}")
+
+
+def average_probabilities(probs: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The log of the mean of ``probs`` (each ``(N, K)`` softmax probabilities): the answer of a
+    cascade member that combines its output with those of the members before it. Floored at the
+    smallest float32 so that it stays finite.
+
+    Example:
+        >>> p = average_probabilities([torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5]])])
+        >>> p.exp().tolist()
+        [[0.75, 0.25]]
+    """
+    mean = torch.stack(list(probs)).float().mean(0)
+    return mean.clamp_min(torch.finfo(torch.float32).tiny).log()

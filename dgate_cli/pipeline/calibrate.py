@@ -74,10 +74,13 @@ class CalibrationResult:
     unit: str
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    reference_cost: float | None = None
+    cascade: dict[str, Any] | None = None
 
     @property
     def backbone_cost(self) -> float:
-        return self.reach_costs[-1]
+        """The reference's cost (the backbone; a cascade's last member): the denominator of ratios."""
+        return self.reach_costs[-1] if self.reference_cost is None else self.reference_cost
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +105,7 @@ class CalibrationResult:
             },
             "seconds": round(self.seconds, 3),
             "warnings": self.warnings,
+            **({"cascade": self.cascade} if self.cascade is not None else {}),
         }
 
 
@@ -150,12 +154,7 @@ def calibrate(
         0.71
     """
     t0 = time.perf_counter()
-    if (target_acc is None) == (max_drop is None):
-        raise SpecError("give exactly one of --target-acc (e.g. 0.93) and --max-drop (e.g. 0.01)")
-    if target_acc is not None and not 0.0 < target_acc <= 1.0:
-        raise SpecError(f"--target-acc must be a fraction in (0, 1], got {target_acc}; for 93% write 0.93")
-    if max_drop is not None and not 0.0 <= max_drop < 1.0:
-        raise SpecError(f"--max-drop must be a fraction in [0, 1), got {max_drop}; for one point write 0.01")
+    check_target(target_acc, max_drop)
     if not 0.0 <= gate_overhead < 1.0:
         raise SpecError(
             f"--gate-overhead must be a fraction of the backbone's cost in [0, 1), got {gate_overhead}; e.g. 0.01"
@@ -213,17 +212,40 @@ def _calibrate(
         target["gate_overhead"] = gate_overhead
         oc = dataclasses.replace(macs, gate_costs=macs.gate_costs + gate_overhead * macs.backbone_cost)
     path = lagrangian_path(oc)  # shared by the search and the frontier
-    if confidence is not None:
-        target["confidence"] = confidence
-        chosen = search_confident(oc, confidence, target_acc=target_acc, max_drop=max_drop)
-    elif reserve > 0:
-        target["reserve"] = reserve
-        chosen = search_reserved(oc, goal, reserve, _path=path)
-    else:
-        chosen = search(oc, goal, polish=polish, _path=path)
+    target.update({"confidence": confidence} if confidence is not None else {"reserve": reserve} if reserve > 0 else {})
+    chosen = choose(oc, goal, target_acc, max_drop, confidence, reserve, polish, path)
     return _finish(
         run_dir, split, len(data), names, score, goal, target, oc, macs, chosen, config, warnings, t0, reserve, path
     )
+
+
+def check_target(target_acc: float | None, max_drop: float | None) -> None:
+    """Exactly one of an accuracy target and a drop, each in range; one-line errors otherwise."""
+    if (target_acc is None) == (max_drop is None):
+        raise SpecError("give exactly one of --target-acc (e.g. 0.93) and --max-drop (e.g. 0.01)")
+    if target_acc is not None and not 0.0 < target_acc <= 1.0:
+        raise SpecError(f"--target-acc must be a fraction in (0, 1], got {target_acc}; for 93% write 0.93")
+    if max_drop is not None and not 0.0 <= max_drop < 1.0:
+        raise SpecError(f"--max-drop must be a fraction in [0, 1), got {max_drop}; for one point write 0.01")
+
+
+def choose(
+    oc: GateOutcomes,
+    goal: float,
+    target_acc: float | None,
+    max_drop: float | None,
+    confidence: float | None,
+    reserve: float,
+    polish: bool = True,
+    path: list[torch.Tensor] | None = None,
+) -> OperatingPoint:
+    """The operating point for ``goal``: with a ``confidence`` guarantee, a noise ``reserve``, or
+    on the calibration outcomes exactly (``reserve`` 0)."""
+    if confidence is not None:
+        return search_confident(oc, confidence, target_acc=target_acc, max_drop=max_drop)
+    if reserve > 0:
+        return search_reserved(oc, goal, reserve, _path=path)
+    return search(oc, goal, polish=polish, _path=path)
 
 
 def _finish(
@@ -252,9 +274,9 @@ def _finish(
         target_accuracy=goal,
         target=target,
         backbone_accuracy=oc.backbone_accuracy,
-        chosen=_in_macs(macs, chosen, oc),
-        sequential=_in_macs(macs, sequential(oc, goal), oc),
-        frontier=Frontier([_in_macs(macs, p, oc) for p in frontier(oc, z=reserve, _path=path).points]),
+        chosen=in_macs(macs, chosen, oc),
+        sequential=in_macs(macs, sequential(oc, goal), oc),
+        frontier=Frontier([in_macs(macs, p, oc) for p in frontier(oc, z=reserve, _path=path).points]),
         reach_costs=macs.reach_costs.tolist(),
         gate_costs=macs.gate_costs.tolist(),
         unit=config.costs["unit"],
@@ -269,7 +291,7 @@ def _finish(
     return result
 
 
-def _in_macs(macs: GateOutcomes, p: OperatingPoint, searched: GateOutcomes) -> OperatingPoint:
+def in_macs(macs: GateOutcomes, p: OperatingPoint, searched: GateOutcomes) -> OperatingPoint:
     """``p``, found on ``searched``, with its cost in MACs (the search priced gates higher under
     ``gate_overhead``)."""
     if searched is macs:

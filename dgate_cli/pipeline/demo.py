@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .. import _io
+from ..data.preprocess import Preprocess
 from ..models.demo_cnn import demo_cnn
 
 CLASSES = ["circle", "cross", "diamond", "dots", "hbars", "ring", "square", "triangle", "vbars", "x"]
@@ -127,14 +128,16 @@ def train(
     batch_size: int = 128,
     seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
+    preprocess: Preprocess | None = None,
 ) -> TrainResult:
-    """Train :class:`DemoCNN` on ``uint8`` images and save its weights as safetensors (atomically)."""
+    """Train :class:`DemoCNN` on ``uint8`` images and save its weights as safetensors (atomically).
+    ``preprocess``: the normalisation to train with (default: the CIFAR models', ImageNet mean/std)."""
     from ..models.backbone import CIFAR_PREPROCESS
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = demo_cnn()
-    x = CIFAR_PREPROCESS.normalize(images)
+    x = (preprocess or CIFAR_PREPROCESS).normalize(images)
     n = x.shape[0]
     steps = epochs * math.ceil(n / batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)

@@ -23,6 +23,7 @@ from ..models.specs import parse_model_spec
 from ..runtime import manifest
 from ..runtime.plan import linear_plan
 from .calibrate import read_calibration
+from .cascade import is_cascade
 from .fit import FittedGates, read_gates
 
 
@@ -47,6 +48,10 @@ def export(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False)
         >>> model = load("models/r56-gated")  # doctest: +SKIP
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if is_cascade(run_dir):
+        from .cascade_export import export_cascade  # it builds on this module's writer
+
+        return export_cascade(run_dir, out_dir, overwrite=overwrite)
     config = cache.read_run(run_dir)
     with cache.locked(run_dir, "export"):
         fitted = read_gates(run_dir)
@@ -54,15 +59,19 @@ def export(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False)
         return _export(run_dir, out_dir, config, fitted, calib, overwrite)
 
 
-def _export(
-    run_dir: Path, out_dir: Path, config: cache.RunConfig, fitted: FittedGates, calib: dict[str, Any], overwrite: bool
-) -> ExportResult:
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """An ``--out`` directory that is new, empty, or an export to be replaced with ``overwrite``."""
     if out_dir.exists() and not out_dir.is_dir():
         raise SpecError(f"--out {out_dir} is a file; choose a new or empty directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / manifest.MANIFEST).is_file():
         raise MissingFileError(f"{out_dir} exists and is not a dgate export; choose a new or empty --out directory")
     if (out_dir / manifest.MANIFEST).is_file() and not overwrite:
         raise CacheMismatchError(f"{out_dir} already holds an exported model; pass --overwrite to replace it")
+
+
+def source_state(run_dir: Path, config: cache.RunConfig) -> dict[str, torch.Tensor]:
+    """The backbone weights ``run_dir`` was extracted with, read from the checkpoint (checked
+    against the sha256 recorded then)."""
     source = (config.weights or {}).get("source")
     if source is None:
         raise NotFittedError(
@@ -74,6 +83,14 @@ def _export(
         raise CacheMismatchError(
             f"{source} changed since `dgate extract` (sha256 differs); run extract, fit and calibrate again on the current weights"
         )
+    return state
+
+
+def _export(
+    run_dir: Path, out_dir: Path, config: cache.RunConfig, fitted: FittedGates, calib: dict[str, Any], overwrite: bool
+) -> ExportResult:
+    check_out_dir(out_dir, overwrite)
+    state = source_state(run_dir, config)
     names = calib["gates"]
     idx = [config.gates.index(n) for n in names]
     data = manifest_data(
@@ -157,14 +174,17 @@ def write_export(
     gate_weights: list[torch.Tensor],
     gate_biases: list[torch.Tensor],
     data: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> ExportResult:
     """Write ``model.safetensors`` and ``dgate.json`` (``data``: the manifest without the weights' sha256).
 
-    Written into a temporary directory beside ``out_dir`` and renamed (or its files moved into an
-    existing ``out_dir``), so a failure leaves nothing half-written.
+    ``backbone_state`` is stored under ``backbone.``, ``extra`` tensors under their own names (a
+    cascade's members and policies). Written into a temporary directory beside ``out_dir`` and
+    renamed (or its files moved into an existing ``out_dir``), so a failure leaves nothing half-written.
     """
     out_dir = Path(out_dir)
     tensors = {f"backbone.{k}": v for k, v in backbone_state.items()}
+    tensors.update(extra or {})
     for i, (w, b) in enumerate(zip(gate_weights, gate_biases, strict=True)):
         tensors[f"gates.{i}.weight"] = w
         tensors[f"gates.{i}.bias"] = b

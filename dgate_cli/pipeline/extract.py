@@ -287,7 +287,15 @@ def _extract_split(
         )
     if index is None:
         cache.reset_split(run_dir, split)
-        index = cache.SplitIndex(identity, str(dataset.spec), fingerprint, len(dataset), shard_size, config.classes)
+        index = cache.SplitIndex(
+            identity,
+            str(dataset.spec),
+            fingerprint,
+            len(dataset),
+            shard_size,
+            config.classes,
+            listing=dataset.listing(),
+        )
         cache.write_index(run_dir, split, index)
     resumed = index.done
     dtype = resolve_dtype(config.feature_dtype)

@@ -25,7 +25,7 @@ from . import manifest
 from .backends import default_backends
 from .decisions import Backend
 from .model import GatedModel
-from .plan import steps_from_manifest
+from .plan import Policy, steps_from_manifest
 
 
 def load(
@@ -77,31 +77,29 @@ def load(
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ManifestError(f"{wpath} is not a readable safetensors file ({exc}); re-export the model") from exc
-    backbone = build_backbone(
-        data["model"]["spec"],
-        model_kwargs=data["model"]["kwargs"],
-        input_size=data["input_size"],
-        trust_code=trust_code,
-        factory=factory,
-        origin=str(directory / manifest.MANIFEST),
-    )
-    state = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    load_into(backbone.module, state, str(backbone.spec), str(wpath))
+    origin = str(directory / manifest.MANIFEST)
     names = [g["name"] for g in data["gates"]]
-    plan = steps_from_manifest(data["steps"], str(directory / manifest.MANIFEST))
-    cuts = backbone.graph.resolve(names) if names else []
-    if [c.name for c in cuts] != names:
-        raise ManifestError(
-            f"{directory}: gates {names} do not resolve in execution order in {backbone.spec}; re-export the model"
-        )
-    stages = backbone.graph.split(cuts)
+    plan = steps_from_manifest(data["steps"], origin)
+    networks = data.get("members") or [{"model": data["model"], "input_size": data["input_size"], "gates": names}]
+    stages: list[nn.Module] = []
+    for k, net in enumerate(networks):
+        prefix = f"members.{k}." if "members" in data else "backbone."
+        state = {key[len(prefix) :]: v for key, v in tensors.items() if key.startswith(prefix)}
+        built = _network(net, state, str(wpath), origin, fuse, trust_code, factory)
+        if "members" in data:  # a cascade member normalises the cascade's [0, 1] input its own way
+            pre = Preprocess.from_dict(net["preprocess"])
+            built[0] = nn.Sequential(Normalize(pre.mean, pre.std), built[0])
+        stages += built
+    if len(stages) != len(plan):
+        raise ManifestError(f"{directory}: the steps do not match the networks' stages; re-export the model")
     dev = resolve_device(device)
-    if fuse:
-        with torch.no_grad():
-            stages = [fuse_batchnorm(s) for s in stages]
     try:
         weights = [tensors[f"gates.{i}.weight"] for i in range(len(names))]
         biases = [tensors[f"gates.{i}.bias"] for i in range(len(names))]
+        policies = [
+            None if p is None else Policy(tensors[f"policies.{i}.weight"], p["bias"])
+            for i, p in enumerate(data.get("policies") or [None] * len(names))
+        ]
     except KeyError as exc:
         raise ManifestError(f"{wpath} lacks {exc.args[0]}; re-export the model") from None
     model = GatedModel(
@@ -111,7 +109,7 @@ def load(
         [g["layout"] for g in data["gates"]],
         [Pooling.from_dict(g["pooling"]) for g in data["gates"]],
         data["thresholds"],
-        score=data["score"],
+        score=[g.get("score", data["score"]) for g in data["gates"]],
         gate_names=names,
         reach_costs=data["costs"]["reach"],
         gate_costs=data["costs"]["gates"],
@@ -120,12 +118,59 @@ def load(
         manifest=data,
         plan=plan,
         preprocess=Preprocess.from_dict(data["preprocess"]),
+        policies=policies,
+        reference_cost=data["costs"].get("reference"),
     )
     model.to(dev)
     if channels_last:
         model.stages.to(memory_format=torch.channels_last)
     model.backends = default_backends(dev) if backends is None else list(backends)
     return model
+
+
+def _network(
+    net: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    wpath: str,
+    origin: str,
+    fuse: bool,
+    trust_code: bool,
+    factory: Any,
+) -> list[nn.Module]:
+    """One network's stages, split at its gates, with its weights loaded (and BatchNorm folded)."""
+    backbone = build_backbone(
+        net["model"]["spec"],
+        model_kwargs=net["model"]["kwargs"],
+        input_size=net["input_size"],
+        trust_code=trust_code,
+        factory=factory,
+        origin=origin,
+    )
+    load_into(backbone.module, state, str(backbone.spec), wpath)
+    names = list(net["gates"])
+    cuts = backbone.graph.resolve(names) if names else []
+    if [c.name for c in cuts] != names:
+        raise ManifestError(
+            f"{origin}: gates {names} do not resolve in execution order in {backbone.spec}; re-export the model"
+        )
+    stages = backbone.graph.split(cuts)
+    if fuse:
+        with torch.no_grad():
+            stages = [fuse_batchnorm(s) for s in stages]
+    return list(stages)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, on inputs already scaled to [0, 1]: the arithmetic of
+    :meth:`~dgate_cli.data.preprocess.Preprocess.normalize` after its ``/ 255``."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
 def fuse_batchnorm(stage: nn.Module) -> nn.Module:

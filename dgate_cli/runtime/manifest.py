@@ -54,10 +54,14 @@ OPTIONAL = {
     "calibration": dict,
     "frontier": list,
     "content_sha256": str,
+    "members": list,
+    "policies": list,
+    "cascade": dict,
 }
 CONTENT_KEY = "content_sha256"
 PERMITTED = set(REQUIRED) | set(OPTIONAL)
 GATE_KEYS = {"name", "layout", "pooling", "features", "cost"}
+MEMBER_KEYS = {"name", "model", "preprocess", "input_size", "gates"}
 
 
 def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
@@ -123,6 +127,12 @@ def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
             raise ManifestError(f"{source}: gates[{i}].pooling is not a valid pooling; re-export the model")
         _number(source, f"gates[{i}].features", gate["features"], integer=True, positive=True)
         _number(source, f"gates[{i}].cost", gate["cost"])
+        if "score" in gate and gate["score"] not in SCORES:
+            raise ManifestError(
+                f"{source}: gates[{i}].score must be one of {', '.join(SCORES)}, got {gate['score']!r}; re-export the model"
+            )
+    _check_members(source, data)
+    _check_policies(source, data.get("policies"), G)
     _check_steps(source, data["steps"], G)
     if data["score"] not in SCORES:
         raise ManifestError(
@@ -131,6 +141,8 @@ def validate(data: Any, source: str = MANIFEST) -> dict[str, Any]:
     _check(source, "costs.unit", data["costs"].get("unit"), str)
     _check_list(source, "costs.reach", data["costs"].get("reach"), (int, float), G + 1, finite=True)
     _check_list(source, "costs.gates", data["costs"].get("gates"), (int, float), G, finite=True)
+    if "reference" in data["costs"]:
+        _number(source, "costs.reference", data["costs"]["reference"], positive=True)
     reach = data["costs"]["reach"]
     if any(b < a for a, b in zip(reach, reach[1:], strict=False)) or reach[-1] <= 0:
         raise ManifestError(f"{source}: costs.reach must grow to a positive backbone cost; re-export the model")
@@ -177,6 +189,45 @@ def _check_steps(source: str, steps: list[Any], G: int) -> None:
         raise ManifestError(
             f"{source}: steps must run each of the {G} gates once, in order, then end without one; re-export the model"
         )
+
+
+def _check_members(source: str, data: dict[str, Any]) -> None:
+    """A cascade's members: each with a model, its own preprocessing and gates; as many networks
+    as the plan starts from the input."""
+    members = data.get("members")
+    if members is None:
+        return
+    starts = sum(1 for i, s in enumerate(data["steps"]) if i == 0 or s.get("source") == "input")
+    if len(members) < 2 or len(members) != starts:
+        raise ManifestError(
+            f"{source}: a cascade needs two or more members, one per network its steps start; re-export the model"
+        )
+    for k, m in enumerate(members):
+        if not isinstance(m, dict) or not set(m) >= MEMBER_KEYS:
+            raise ManifestError(f"{source}: members[{k}] needs keys {sorted(MEMBER_KEYS)}; re-export the model")
+        _check(
+            source, f"members[{k}].model.spec", m["model"].get("spec") if isinstance(m["model"], dict) else None, str
+        )
+        _check_list(source, f"members[{k}].gates", m["gates"], str, None)
+        _number(source, f"members[{k}].input_size", m["input_size"], integer=True, positive=True)
+        try:
+            Preprocess.from_dict(m["preprocess"])
+        except (SpecError, TypeError, ValueError, AttributeError) as exc:
+            raise ManifestError(f"{source}: members[{k}].preprocess is invalid ({exc}); re-export the model") from None
+
+
+def _check_policies(source: str, policies: Any, G: int) -> None:
+    """Learned exit policies: one entry per gate, each None or with a finite bias."""
+    if policies is None:
+        return
+    if len(policies) != G:
+        raise ManifestError(f"{source} has {len(policies)} policies for {G} gates; re-export the model")
+    for i, p in enumerate(policies):
+        if p is None:
+            continue
+        bias = p.get("bias") if isinstance(p, dict) else None
+        if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias):
+            raise ManifestError(f"{source}: policies[{i}].bias must be a finite number; re-export the model")
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:

@@ -30,12 +30,13 @@ from torch import nn
 
 from ..data.preprocess import Preprocess
 from ..gates.pooling import Pooling
+from ..gates.scores import average_probabilities
 from ..thresholds.cost import CostModel
 from ..thresholds.outcomes import OperatingPoint
 from .decisions import Backend, Decision, decide
 from .operating_point import parse_thresholds, pick_point
 from .outputs import GatedOutput, Left, assemble
-from .plan import Gate, Step, linear_plan
+from .plan import Gate, Policy, Step, linear_plan
 from .streaming import StepQueues
 
 __all__ = ["Chain", "GatedModel", "GatedOutput"]
@@ -48,6 +49,8 @@ class _Scheduled(NamedTuple):
     gate: int | None
     threshold: float
     source: str
+    remember: bool = False
+    ensemble: bool = False
 
 
 class GatedModel(nn.Module):
@@ -59,7 +62,7 @@ class GatedModel(nn.Module):
         layouts: per gate, the stage output layout (``nchw``, ``nhwc``, ``nlc``, ``nc``).
         pooling: how each gate pools its stage output (one for all gates, or one per gate).
         thresholds: per gate; ``inf`` closes a gate.
-        score: the exit rule (``max``, ``margin``, ``softmax``, ``entropy``).
+        score: the exit rule (``max``, ``margin``, ``softmax``, ``entropy``), or one per gate.
         gate_names: position names, for display.
         reach_costs, gate_costs: MACs to reach each gate (then the whole backbone) and of each gate.
         frontier: stored operating points to switch to at run time.
@@ -67,6 +70,8 @@ class GatedModel(nn.Module):
         manifest: the exported manifest (classes, preprocessing, calibration report).
         plan: the steps (default: each stage after the previous one, gate ``g`` after stage ``g``).
         preprocess: how images become inputs (:attr:`preprocess`).
+        policies: per gate, a learned exit policy whose score replaces the rule's (None: the rule).
+        reference_cost: what cost ratios are against (a cascade: its last member alone).
 
     Build one from an export with :func:`dgate_cli.load`.
     """
@@ -79,7 +84,7 @@ class GatedModel(nn.Module):
         layouts: Sequence[str],
         pooling: Pooling | Sequence[Pooling],
         thresholds: Sequence[float | str | None],
-        score: str = "max",
+        score: str | Sequence[str] = "max",
         gate_names: Sequence[str] | None = None,
         reach_costs: Sequence[float] | None = None,
         gate_costs: Sequence[float] | None = None,
@@ -88,6 +93,8 @@ class GatedModel(nn.Module):
         manifest: dict[str, Any] | None = None,
         plan: Sequence[Step] | None = None,
         preprocess: Preprocess | None = None,
+        policies: Sequence[Policy | None] | None = None,
+        reference_cost: float | None = None,
     ):
         super().__init__()
         poolings = [pooling] * len(layouts) if isinstance(pooling, Pooling) else list(pooling)
@@ -101,8 +108,18 @@ class GatedModel(nn.Module):
         )
         self.gate_names = list(gate_names or [f"gate{i}" for i in range(len(weights))])
         self.plan = list(plan) if plan is not None else linear_plan(self.gate_names)
-        self.score = score
-        self.cost = CostModel(reach_costs, gate_costs) if reach_costs is not None and gate_costs is not None else None
+        self.rules = [score] * len(self.gates) if isinstance(score, str) else list(score)
+        self.score = score if isinstance(score, str) else (self.rules[0] if self.rules else "max")
+        self.policies = nn.ModuleList(
+            p if p is not None else nn.Identity() for p in (policies or [None] * len(self.gates))
+        )
+        if len(self.rules) != len(self.gates) or len(self.policies) != len(self.gates):
+            raise ValueError("GatedModel needs one exit rule and one policy (or None) per gate")
+        self.cost = (
+            CostModel(reach_costs, gate_costs, reference=reference_cost)
+            if reach_costs is not None and gate_costs is not None
+            else None
+        )
         self.frontier = list(frontier)
         self.channels_last = channels_last
         self.manifest = manifest or {}
@@ -187,8 +204,9 @@ class GatedModel(nn.Module):
         left: list[Left] = []
         h: torch.Tensor | None = x
         rows = None  # every input row, in order, until the first sample leaves
+        memory: tuple[torch.Tensor, ...] = ()
         for step in self._schedule():
-            h, rows, done = self._advance(step, h, rows, x)  # type: ignore[arg-type]
+            h, rows, memory, done = self._advance(step, h, rows, x, memory)  # type: ignore[arg-type]
             left += done
             if h is None:
                 break
@@ -197,47 +215,73 @@ class GatedModel(nn.Module):
     def _schedule(self) -> list[_Scheduled]:
         """The plan with each step's module and its gate's current threshold (``inf``: closed)."""
         return [
-            _Scheduled(stage, step.gate, math.inf if step.gate is None else self._thresholds[step.gate], step.source)
+            _Scheduled(
+                stage,
+                step.gate,
+                math.inf if step.gate is None else self._thresholds[step.gate],
+                step.source,
+                step.remember,
+                step.ensemble,
+            )
             for stage, step in zip(self.stages, self.plan, strict=True)
         ]
 
     def _advance(
-        self, step: _Scheduled, h: torch.Tensor, rows: torch.Tensor | None, x: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[Left]]:
+        self,
+        step: _Scheduled,
+        h: torch.Tensor,
+        rows: torch.Tensor | None,
+        x: torch.Tensor | None,
+        memory: tuple[torch.Tensor, ...] = (),
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[torch.Tensor, ...], list[Left]]:
         """Run one step on ``rows`` (None: every row of the input, in order; ``h``: the previous
-        step's output for them; ``x``: the original input, for steps that start from it). Returns
-        what goes on (outputs, or None when nobody does, and their rows) and who left."""
+        step's output for them; ``x``: the original input, for steps that start from it;
+        ``memory``: the answers earlier steps remembered for them, as softmax probabilities).
+        Returns what goes on (outputs, or None when nobody does, their rows and their memory)
+        and who left."""
         if step.source == "input":
             h = x if rows is None else x[rows]  # type: ignore[index,assignment]
         h = step.module(h)
+        before = memory
+        if step.remember or step.ensemble:
+            p = torch.softmax(h.float(), 1)
+            if step.ensemble:
+                h = average_probabilities((*memory, p))
+            if step.remember:
+                memory = (*memory, p)
         if step.gate is None:  # the last step answers for everyone left
             out = h.float()
-            return None, None, [Left(self.num_gates, rows, out, out.argmax(1))]
+            return None, None, (), [Left(self.num_gates, rows, out, out.argmax(1))]
         if step.threshold == math.inf:  # closed
-            return h, rows, []
-        d = self._decide(step.gate, h, step.threshold)
+            return h, rows, memory, []
+        d = self._decide(step.gate, h, step.threshold, before)
         n = h.shape[0]
         if d.count == 0:
-            return h, rows, []
+            return h, rows, memory, []
         if d.count == n:
-            return None, None, [Left(step.gate, rows, d.outputs, d.pred)]
+            return None, None, (), [Left(step.gate, rows, d.outputs, d.pred)]
         gone = torch.nonzero(d.leave).squeeze(1)  # the one host synchronisation per open gate
         if not gone.numel():
-            return h, rows, []
+            return h, rows, memory, []
         if gone.numel() == n:
-            return None, None, [Left(step.gate, rows, d.outputs, d.pred)]
+            return None, None, (), [Left(step.gate, rows, d.outputs, d.pred)]
         if rows is None:
             rows = torch.arange(n, device=h.device)
         stay = torch.nonzero(~d.leave).squeeze(1)
         done = [Left(step.gate, rows[gone], d.outputs[gone], d.pred[gone])]  # type: ignore[index]
-        return h[stay], rows[stay], done  # indexing keeps a channels-last output channels-last
+        # indexing keeps a channels-last output channels-last
+        return h[stay], rows[stay], tuple(m[stay] for m in memory), done
 
-    def _decide(self, g: int, h: torch.Tensor, threshold: float) -> Decision:
+    def _decide(self, g: int, h: torch.Tensor, threshold: float, memory: tuple[torch.Tensor, ...] = ()) -> Decision:
+        policy = self.policies[g]
+        if isinstance(policy, Policy):  # a learned policy's score, on the gate's outputs and the memory
+            z = self.gates[g](h)
+            return Decision(z, policy(z, memory) >= threshold, z.argmax(1))
         for backend in self.backends:
-            d = backend.decide(g, self.gates[g], h, threshold, self.score)
+            d = backend.decide(g, self.gates[g], h, threshold, self.rules[g])
             if d is not None:
                 return d
-        return decide(self.gates[g], h, threshold, self.score)
+        return decide(self.gates[g], h, threshold, self.rules[g])
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
@@ -266,8 +310,8 @@ class GatedModel(nn.Module):
         """
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of samples, got {batch_size}")
-        if any(step.source == "input" for step in self.plan[1:]):
-            raise ValueError("stream() runs plans whose steps start from the previous step; use forward()")
+        if any(step.source == "input" or step.remember or step.ensemble for step in self.plan[1:]):
+            raise ValueError("stream() runs single networks (no cascades); use forward()")
         queues = StepQueues(len(self.plan))
         offset = 0
         for x in batches:
@@ -286,7 +330,12 @@ class GatedModel(nn.Module):
     def _drain(self, queues: StepQueues, size: int, flush: bool) -> Iterator[tuple[torch.Tensor, GatedOutput]]:
         """Drain ``queues``, each step run by :meth:`_advance` at the current thresholds."""
         schedule = self._schedule()
-        return queues.drain(lambda k, h, index: self._advance(schedule[k], h, index, None), size, flush)
+
+        def advance(k: int, h: torch.Tensor, index: torch.Tensor) -> Any:
+            h, index, _, done = self._advance(schedule[k], h, index, None)
+            return h, index, done
+
+        return queues.drain(advance, size, flush)
 
     def backbone_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's logits without gates: the same stages, chained."""
@@ -294,8 +343,30 @@ class GatedModel(nn.Module):
 
     def backbone(self) -> Chain:
         """The backbone without gates as a module sharing these stages: ``model.backbone()(x)``
-        gives its logits. The baseline of ``dgate bench``, called as the gated model is."""
-        return Chain(self.stages, self.channels_last)
+        gives its logits. The baseline of ``dgate bench``, called as the gated model is. In a
+        cascade, the reference: its last network alone (the steps from the last that starts from
+        the input)."""
+        return self.member(len(self.members()) - 1)
+
+    def members(self) -> list[tuple[int, int]]:
+        """The networks the plan runs, as ``(first, end)`` step ranges: one for a single network,
+        one per member for a cascade (each starts from the input)."""
+        starts = [0] + [i for i, step in enumerate(self.plan) if i and step.source == "input"]
+        return list(zip(starts, [*starts[1:], len(self.plan)], strict=True))
+
+    def exit_members(self) -> list[int]:
+        """Per exit (each gate, then the end), the network of the plan it is in (see :meth:`members`)."""
+        owner = [k for k, (first, end) in enumerate(self.members()) for _ in range(first, end)]
+        out = [0] * (self.num_gates + 1)
+        for i, step in enumerate(self.plan):
+            out[self.num_gates if step.gate is None else step.gate] = owner[i]
+        return out
+
+    def member(self, k: int) -> Chain:
+        """Network ``k`` of the plan alone (see :meth:`members`), without gates, as a module."""
+        first, end = self.members()[k]
+        stages = self.stages if (first, end) == (0, len(self.plan)) else nn.ModuleList(self.stages[first:end])
+        return Chain(stages, self.channels_last)
 
     def extra_repr(self) -> str:
         gates = ", ".join(f"{n}@{t:.4g}" for n, t in zip(self.gate_names, self._thresholds, strict=True))

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ManifestError
+from ..gates.policy import FEATURES_PER_EXIT, FEATURES_PER_MEMBER, exit_features
 from ..gates.pooling import Pooling, pool
 
 SOURCES = ("previous", "input")
@@ -65,6 +66,32 @@ class Gate(nn.Module):
         return f"features={self.weight.shape[1]}, classes={self.weight.shape[0]}, pooling={self.pooling}, layout={self.layout}"
 
 
+class Policy(nn.Module):
+    """A learned exit policy (:mod:`dgate_cli.gates.policy`): a linear score on the exit's features.
+
+    Args:
+        weight: ``(F,)`` on raw features (see :func:`~dgate_cli.gates.policy.exit_features`).
+        bias: the score's offset.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: float):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().float().reshape(-1).clone())
+        self.bias = float(bias)
+
+    @property
+    def members_before(self) -> int:
+        """How many earlier cascade members' answers the policy reads."""
+        return (self.weight.shape[0] - FEATURES_PER_EXIT) // FEATURES_PER_MEMBER
+
+    def forward(self, z: torch.Tensor, history: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``(N,)`` float32 scores for exit outputs ``z`` and the remembered answers ``history``."""
+        return exit_features(z, history[: self.members_before]) @ self.weight + self.bias
+
+    def extra_repr(self) -> str:
+        return f"features={self.weight.shape[0]}"
+
+
 @dataclass(frozen=True)
 class Step:
     """One step of a plan.
@@ -74,24 +101,40 @@ class Step:
         name: what the step is called in reports (the gate position it ends at, or ``head``).
         source: ``previous`` (the previous step's output) or ``input`` (the original input rows).
         gate: the index of the gate that follows the step, or None (the last step answers).
+        remember: keep the softmax of this step's output for the steps after it (a cascade
+            member's answer, for members that combine answers and for exit policies).
+        ensemble: answer with the average of this step's probabilities and those remembered
+            before it (:func:`~dgate_cli.gates.scores.average_probabilities`), not its own output.
     """
 
     kind: str
     name: str
     source: str = "previous"
     gate: int | None = None
+    remember: bool = False
+    ensemble: bool = False
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"a step's source must be one of {', '.join(SOURCES)}, got {self.source!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "source": self.source, "gate": self.gate}
+        d = {"kind": self.kind, "name": self.name, "source": self.source, "gate": self.gate}
+        if self.remember or self.ensemble:
+            d.update(remember=self.remember, ensemble=self.ensemble)
+        return d
 
 
 def stage_step(entry: dict[str, Any]) -> Step:
     """A ``stage`` step from its manifest entry (the builder of the one kind dgate writes today)."""
-    return Step("stage", str(entry["name"]), str(entry.get("source", "previous")), entry.get("gate"))
+    return Step(
+        "stage",
+        str(entry["name"]),
+        str(entry.get("source", "previous")),
+        entry.get("gate"),
+        bool(entry.get("remember", False)),
+        bool(entry.get("ensemble", False)),
+    )
 
 
 # manifest ``kind`` -> builder of the Step; a new kind of step registers here (see the module docstring)

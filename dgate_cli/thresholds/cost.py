@@ -32,11 +32,14 @@ class CostModel:
         reach: ``G + 1`` costs from the input to each gate's position, then to the end.
         gates: ``G`` costs of evaluating each gate.
         unit: what the numbers count (``MACs``).
+        reference: the cost cost ratios are taken against (default: the whole backbone,
+            ``reach[-1]``; a cascade's is its last member's alone).
     """
 
     reach: tuple[float, ...]
     gates: tuple[float, ...]
     unit: str = "MACs"
+    reference: float | None = None
     _reach: torch.Tensor = field(init=False, repr=False, compare=False)
     _gates: torch.Tensor = field(init=False, repr=False, compare=False)
 
@@ -52,8 +55,8 @@ class CostModel:
 
     @property
     def backbone(self) -> float:
-        """The plain backbone's cost (no gates): the denominator of cost ratios."""
-        return self.reach[-1]
+        """The reference's cost (the plain backbone, no gates): the denominator of cost ratios."""
+        return self.reach[-1] if self.reference is None else self.reference
 
     @property
     def num_gates(self) -> int:
@@ -75,11 +78,14 @@ class CostModel:
     def with_overhead(self, fraction: float) -> CostModel:
         """Each gate priced ``fraction`` of the backbone's cost higher: the fixed time a gate takes
         beyond its MACs (``calibrate --gate-overhead``)."""
-        return CostModel(self.reach, tuple(g + fraction * self.backbone for g in self.gates), self.unit)
+        return CostModel(self.reach, tuple(g + fraction * self.backbone for g in self.gates), self.unit, self.reference)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"unit": self.unit, "reach": list(self.reach), "gates": list(self.gates)}
+        d: dict[str, Any] = {"unit": self.unit, "reach": list(self.reach), "gates": list(self.gates)}
+        if self.reference is not None:
+            d["reference"] = self.reference
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CostModel:
-        return cls(tuple(d["reach"]), tuple(d["gates"]), str(d.get("unit", "MACs")))
+        return cls(tuple(d["reach"]), tuple(d["gates"]), str(d.get("unit", "MACs")), d.get("reference"))

@@ -32,6 +32,11 @@ class GateOutcomes:
         reach_costs: ``(G + 1,)`` backbone cost from the input to gate ``g``; the last entry is the
             whole backbone.
         gate_costs: ``(G,)`` cost of evaluating each gate.
+        reference_correct: ``(N,)`` whether the reference model is right, where it is not the
+            last exit's model (a cascade: the last member alone, while the cascade's last exit may
+            average the members' answers). Accuracy drops and their noise are measured against it.
+        reference_cost: the reference's cost, the denominator of cost ratios (default: the
+            whole backbone, ``reach_costs[-1]``).
 
     Costs charge only open gates (``t < inf``), as the runtime skips closed ones.
     """
@@ -41,6 +46,8 @@ class GateOutcomes:
     final_correct: torch.Tensor
     reach_costs: torch.Tensor
     gate_costs: torch.Tensor
+    reference_correct: torch.Tensor | None = None
+    reference_cost: float | None = None
 
     def __post_init__(self) -> None:
         if self.scores.is_floating_point() and self.scores.dtype != torch.float32:
@@ -54,6 +61,7 @@ class GateOutcomes:
             or self.final_correct.shape != (n,)
             or self.reach_costs.shape != (g + 1,)
             or self.gate_costs.shape != (g,)
+            or (self.reference_correct is not None and self.reference_correct.shape != (n,))
         ):
             raise SpecError(
                 f"inconsistent gate outcomes: scores {tuple(self.scores.shape)}, correct {tuple(self.correct.shape)}, "
@@ -64,12 +72,19 @@ class GateOutcomes:
     @cached_property
     def cost(self) -> CostModel:
         """The cost model of these outcomes (built once from ``reach_costs`` and ``gate_costs``)."""
-        return CostModel(tuple(self.reach_costs.tolist()), tuple(self.gate_costs.tolist()))
+        return CostModel(
+            tuple(self.reach_costs.tolist()), tuple(self.gate_costs.tolist()), reference=self.reference_cost
+        )
 
     @property
     def backbone_cost(self) -> float:
-        """The plain backbone's cost (no gates): the denominator of cost ratios."""
-        return float(self.reach_costs[-1])
+        """The reference's cost (the plain backbone, no gates): the denominator of cost ratios."""
+        return self.cost.backbone
+
+    @property
+    def reference(self) -> torch.Tensor:
+        """``(N,)`` whether the reference model (the plain backbone) is right."""
+        return self.final_correct if self.reference_correct is None else self.reference_correct
 
     def exit_costs(self, open_gates: torch.Tensor | None = None) -> torch.Tensor:
         """``(G + 1,)`` cost of leaving at each gate (its own and earlier open gates included)."""
@@ -85,7 +100,8 @@ class GateOutcomes:
 
     @property
     def backbone_accuracy(self) -> float:
-        return float(self.final_correct.double().mean())
+        """The reference's accuracy (the plain backbone's)."""
+        return float(self.reference.double().mean())
 
     def all_correct(self) -> torch.Tensor:
         """``(N, G + 1)`` correctness at each exit, the backbone last."""
@@ -193,11 +209,21 @@ def between(lo: float, hi: float) -> float:
 
 def subset(oc: GateOutcomes, index: torch.Tensor) -> GateOutcomes:
     """The outcomes of the samples at ``index`` (same gates and costs)."""
-    return GateOutcomes(oc.scores[index], oc.correct[index], oc.final_correct[index], oc.reach_costs, oc.gate_costs)
+    ref = None if oc.reference_correct is None else oc.reference_correct[index]
+    return GateOutcomes(
+        oc.scores[index],
+        oc.correct[index],
+        oc.final_correct[index],
+        oc.reach_costs,
+        oc.gate_costs,
+        ref,
+        oc.reference_cost,
+    )
 
 
 def discordant(oc: GateOutcomes, thresholds: Sequence[float]) -> tuple[int, int]:
-    """``(lost, gained)``: samples the backbone gets right and the gated network wrong, and the reverse."""
+    """``(lost, gained)``: samples the reference (the backbone) gets right and the gated network wrong, and the reverse."""
     e = oc.exits(thresholds)
     gated = oc.all_correct().gather(1, e[:, None]).squeeze(1)
-    return int((oc.final_correct & ~gated).sum()), int((~oc.final_correct & gated).sum())
+    ref = oc.reference
+    return int((ref & ~gated).sum()), int((~ref & gated).sum())
