@@ -31,13 +31,14 @@ from dgate_cli.gates.policy import exit_features
 from dgate_cli.gates.pooling import Pooling
 from dgate_cli.gates.scores import average_probabilities
 from dgate_cli.pipeline import demo
+from dgate_cli.pipeline.calibrate import calibrate
 from dgate_cli.pipeline.cascade import CASCADE_JSON, create, read_members
 from dgate_cli.pipeline.cascade_calibrate import calibrate_cascade
 from dgate_cli.pipeline.exits import ensemble_options, load_outputs, table
 from dgate_cli.pipeline.export import export
 from dgate_cli.pipeline.extract import extract
 from dgate_cli.pipeline.fit import fit
-from dgate_cli.pipeline.policies import fit_cascade, read_policies
+from dgate_cli.pipeline.policies import fit_cascade, fit_network_policies, network_member, read_policies
 from dgate_cli.runtime import manifest
 from dgate_cli.runtime.model import GatedModel
 from dgate_cli.runtime.plan import Policy, Step
@@ -300,8 +301,10 @@ def test_cascade_run_directories_and_members_are_kept_apart(casc: Cascade, tmp_p
 def test_single_network_options_are_refused_for_a_cascade_and_the_reverse(casc: Cascade):
     r = _cli("calibrate", str(casc.run), "--max-drop", "0.02", "--score", "max")
     assert r.exit_code == 2 and "--score and --gates apply to a single network" in r.output
+    r = _cli("calibrate", str(casc.small), "--max-drop", "0.02", "--ensemble", "on")
+    assert r.exit_code == 2 and "--ensemble applies to cascades" in r.output
     r = _cli("calibrate", str(casc.small), "--max-drop", "0.02", "--policy", "learned")
-    assert r.exit_code == 2 and "--policy and --ensemble apply to cascades" in r.output
+    assert r.exit_code == 2 and "has no learned policies; run `dgate fit" in r.output
 
 
 def test_a_manifest_with_a_member_missing_is_refused(casc: Cascade, tmp_path: Path):
@@ -339,3 +342,37 @@ def test_memory_follows_the_rows_that_stay():
     assert big.shape == (3,)
     with pytest.raises(ValueError, match="single networks"):
         list(model.stream([x]))
+
+
+# -- learned policies on a single network's gates ----------------------------------------------------------
+
+
+def test_a_single_network_can_exit_on_learned_policies(casc: Cascade, tmp_path: Path):
+    run = Path(shutil.copytree(casc.big, tmp_path / "big"))
+    fit_network_policies(run, lambdas=(0.3, 1.0), folds=3)
+    r = calibrate(run, max_drop=0.02, policy="learned")
+    assert r.policy is not None and r.policy["policy"] == "learned" and r.policy["lambda"] in (0.3, 1.0)
+    export(run, tmp_path / "model")
+    model = dgate_cli.load(tmp_path / "model")
+    assert len(model.policies) == model.num_gates and all(isinstance(p, Policy) for p in model.policies)
+    member = network_member(run)
+    t = table([member], load_outputs([member], "val"), (False,))
+    scores = torch.stack([model.policies[g](t.outputs[g], ()) for g in range(len(t.exits))], 1)
+    oc = t.outcomes(scores)
+    e = oc.exits(model.thresholds)
+    x, _ = _images(model, casc.data["val"])
+    got = model(x)
+    unsure = near_threshold(oc.scores, model.thresholds, e)
+    assert int(unsure.sum()) <= len(e) // 10 and torch.equal(got.exit[~unsure], e[~unsure])
+    # by default calibration keeps whichever is cheaper at the target, and says which it tried
+    auto = calibrate(run, max_drop=0.02)
+    costs = [v["cost_ratio"] for v in auto.policy["variants"] if v["cost_ratio"] is not None]  # type: ignore[index]
+    assert [v["policy"] for v in auto.policy["variants"]] == ["threshold", "learned", "learned"]  # type: ignore[index]
+    assert auto.chosen.cost_ratio == pytest.approx(min(costs))
+    # policies refitted after calibration are not exported with stale thresholds
+    fit_network_policies(run, lambdas=(0.1,), folds=3)
+    if auto.policy["policy"] == "learned":  # type: ignore[index]
+        with pytest.raises(CacheMismatchError, match="refitted after calibration"):
+            export(run, tmp_path / "model2")
+    with pytest.raises(NotFittedError, match="fit .* --policies"):
+        calibrate(casc.small, max_drop=0.02, policy="learned")  # no policies fitted there

@@ -67,7 +67,7 @@ def calibrate_command(
     policy: Annotated[
         str,
         typer.Option(
-            help="Cascades: exit on each exit's rule ('threshold'), on the policies `dgate fit` learned ('learned'), or the cheaper at the target ('auto')."
+            help="Exit on each exit's rule ('threshold'), on the policies `dgate fit` learned ('learned': cascades, or `dgate fit --policies`), or the cheaper at the target ('auto')."
         ),
     ] = "auto",
     ensemble: Annotated[
@@ -106,10 +106,8 @@ def calibrate_command(
             ensemble=ensemble,
             gate_overhead=gate_overhead,
         )
-    elif policy != "auto" or ensemble != "auto":
-        raise SpecError(
-            "--policy and --ensemble apply to cascades (`dgate cascade`); leave them out for a single network"
-        )
+    elif ensemble != "auto":
+        raise SpecError("--ensemble applies to cascades (`dgate cascade`); leave it out for a single network")
     else:
         result = calibrate(
             run_dir,
@@ -121,6 +119,7 @@ def calibrate_command(
             confidence=confidence,
             reserve=reserve,
             gate_overhead=gate_overhead,
+            policy=policy,
         )
     if plot is not None:
         plot_frontiers(
@@ -186,6 +185,9 @@ def render(r: CalibrationResult) -> None:
     out.print(chosen)
     if r.cascade is not None:
         render_variants(r)
+    elif r.policy is not None:
+        tried = ", ".join(_variant(v) for v in r.policy["variants"])
+        out.print(f"exit policies at the target (cost ratio): {tried}; chosen: {r.policy['policy']}")
     if r.target.get("reserve"):
         out.print(
             f"'promises': the accuracy each point should keep on new data; on {r.split} it keeps "
@@ -203,3 +205,8 @@ def render(r: CalibrationResult) -> None:
         f"(paper's sequential thresholds: {pct(1 - r.sequential.cost_ratio, 1)})"
     )
     out.print(f"next: dgate export {r.run_dir} --out DIR")
+
+
+def _variant(v: dict) -> str:
+    name = v["policy"] if v["lambda"] is None else f"{v['policy']} (lambda {v['lambda']:g})"
+    return f"{name} {'unreachable' if v['cost_ratio'] is None else format(v['cost_ratio'], '.3f')}"

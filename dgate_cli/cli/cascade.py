@@ -55,13 +55,14 @@ def cascade_command(
     )
 
 
-def render_policy_fit(r: PolicyFit) -> None:
+def render_policy_fit(r: PolicyFit, next_step: bool = True) -> None:
     out.print(
-        f"fitted exit policies for {len(r.variants)} variants (answers combined or not x lambda "
-        f"{', '.join(f'{v:g}' for v in r.lambdas)}) on '{r.split}' ({r.num_samples:,} images, "
-        f"{r.folds}-fold cross-fitting) in {r.seconds:.1f} s"
+        f"fitted exit policies for {len(r.variants)} variants (trade-off lambda "
+        f"{', '.join(f'{v:g}' for v in r.lambdas)}, for each way the answers combine) on '{r.split}' "
+        f"({r.num_samples:,} images, {r.folds}-fold cross-fitting) in {r.seconds:.1f} s"
     )
-    out.print(f"next: dgate calibrate {r.run_dir} --max-drop 0")
+    if next_step:
+        out.print(f"next: dgate calibrate {r.run_dir} --max-drop 0")
 
 
 def render_variants(r: CalibrationResult) -> None:

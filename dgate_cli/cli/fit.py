@@ -10,7 +10,7 @@ from rich.table import Table
 from ..gates.linear import DEFAULT_C_GRID
 from ..pipeline.cascade import is_cascade
 from ..pipeline.fit import fit
-from ..pipeline.policies import fit_cascade
+from ..pipeline.policies import fit_cascade, fit_network_policies
 from . import _options as o
 from ._output import note, out, pct, print_json, progress
 from .cascade import render_policy_fit
@@ -37,6 +37,13 @@ def fit_command(
     holdout: Annotated[float, typer.Option(help="Fraction of train held out to choose C.")] = 0.1,
     device: o.Device = "auto",
     max_iter: Annotated[int, typer.Option(help="L-BFGS iterations at most per fit.", min=1)] = 500,
+    policies: Annotated[
+        bool,
+        typer.Option(
+            help="Also fit learned exit policies (Bolukbasi et al. 2017) on the val split, cross-fitted; "
+            "`dgate calibrate` then keeps them where they are cheaper than the gates' own scores."
+        ),
+    ] = False,
     json: o.Json = False,
 ) -> None:
     """Fit one linear gate per cached position on the train split (backbone frozen).
@@ -63,8 +70,12 @@ def fit_command(
         result = fit(
             run_dir, loss=loss, C=C, target=target, holdout=holdout, device=device, max_iter=max_iter, progress=bar
         )
+    learned = None
+    if policies:
+        with progress(enabled=not json, unit="variants") as bar:
+            learned = fit_network_policies(run_dir, progress=bar)
     if json:
-        print_json(result.to_dict())
+        print_json({**result.to_dict(), **({"policies": learned.to_dict()} if learned else {})})
         return
     for n in result.notes:
         note(n)
@@ -84,4 +95,6 @@ def fit_command(
     out.print(table)
     if C is None:
         out.print(f"C chosen per gate from {{{grid}}} by accuracy on {holdout:.0%} of train held out")
+    if learned is not None:
+        render_policy_fit(learned, next_step=False)
     out.print(f"next: dgate calibrate {run_dir} --max-drop 0.01")

@@ -12,7 +12,7 @@ import torch
 
 from .. import _io, cache
 from .._version import __version__
-from ..errors import NotFittedError, SpecError
+from ..errors import NotFittedError, SpecError, TargetUnreachableError
 from ..gates.scores import SCORES, gate_scores
 from ..thresholds.frontier import Frontier, frontier
 from ..thresholds.guarantees import search_confident, search_reserved
@@ -76,6 +76,7 @@ class CalibrationResult:
     warnings: list[str] = field(default_factory=list)
     reference_cost: float | None = None
     cascade: dict[str, Any] | None = None
+    policy: dict[str, Any] | None = None
 
     @property
     def backbone_cost(self) -> float:
@@ -106,6 +107,7 @@ class CalibrationResult:
             "seconds": round(self.seconds, 3),
             "warnings": self.warnings,
             **({"cascade": self.cascade} if self.cascade is not None else {}),
+            **({"policy": self.policy} if self.policy is not None else {}),
         }
 
 
@@ -121,6 +123,7 @@ def calibrate(
     confidence: float | None = None,
     reserve: float = DEFAULT_RESERVE,
     gate_overhead: float = 0.0,
+    policy: str = "auto",
 ) -> CalibrationResult:
     """Choose thresholds with the lowest mean cost such that accuracy on ``split`` reaches the target.
 
@@ -144,6 +147,10 @@ def calibrate(
             pooling, a matrix product and a decision: ~1% of a CIFAR ResNet-56 forward on a CPU,
             ~0.1% of a ResNet-50's at 224 px). Gates that save less than that stay closed. The
             reported costs stay in MACs.
+        policy: exit on the rule's score (``threshold``), on the learned policies ``dgate fit
+            --policies`` fitted (``learned``: their cross-fitted scores on ``split``), or on
+            whichever is cheaper at the target (``auto``, the default; ``threshold`` when there
+            are no policies).
 
     Raises:
         TargetUnreachableError: with the best reachable and the backbone's accuracy.
@@ -163,7 +170,19 @@ def calibrate(
     config = cache.read_run(run_dir)
     with cache.locked(run_dir, "calibrate"):
         return _calibrate(
-            run_dir, config, target_acc, max_drop, split, score, gates, polish, confidence, reserve, gate_overhead, t0
+            run_dir,
+            config,
+            target_acc,
+            max_drop,
+            split,
+            score,
+            gates,
+            polish,
+            confidence,
+            reserve,
+            gate_overhead,
+            t0,
+            policy,
         )
 
 
@@ -180,7 +199,10 @@ def _calibrate(
     reserve: float,
     gate_overhead: float,
     t0: float,
+    policy: str = "auto",
 ) -> CalibrationResult:
+    if policy not in ("auto", "threshold", "learned"):
+        raise SpecError(f"--policy must be one of auto, threshold, learned, got '{policy}'")
     fitted = read_gates(run_dir)
     score = score or fitted.score
     if score not in SCORES:
@@ -207,16 +229,86 @@ def _calibrate(
     macs, _pred = outcomes(config, fitted, data, names, score)
     target: dict[str, Any] = {"max_drop": max_drop} if max_drop is not None else {"accuracy": target_acc}
     goal = macs.backbone_accuracy - max_drop if max_drop is not None else float(target_acc)  # type: ignore[arg-type]
-    oc = macs  # what the search minimises: MACs, plus each open gate's overhead
     if gate_overhead > 0:
         target["gate_overhead"] = gate_overhead
-        oc = dataclasses.replace(macs, gate_costs=macs.gate_costs + gate_overhead * macs.backbone_cost)
-    path = lagrangian_path(oc)  # shared by the search and the frontier
     target.update({"confidence": confidence} if confidence is not None else {"reserve": reserve} if reserve > 0 else {})
-    chosen = choose(oc, goal, target_acc, max_drop, confidence, reserve, polish, path)
+    learned, candidates = _policy_candidates(run_dir, fitted, names, score, split, policy)
+    tried: list[tuple[float | None, GateOutcomes, GateOutcomes, OperatingPoint | None, Any]] = []
+    first_error = None
+    for lam, m in [(None, macs)] * (policy != "learned") + candidates:
+        oc = m  # what the search minimises: MACs, plus each open gate's overhead
+        if gate_overhead > 0:
+            oc = dataclasses.replace(m, gate_costs=m.gate_costs + gate_overhead * m.backbone_cost)
+        path = lagrangian_path(oc)  # shared by the search and the frontier
+        try:
+            tried.append((lam, oc, m, choose(oc, goal, target_acc, max_drop, confidence, reserve, polish, path), path))
+        except TargetUnreachableError as exc:
+            first_error = first_error or exc
+            tried.append((lam, oc, m, None, path))
+    reached = [t for t in tried if t[3] is not None]
+    if not reached:
+        raise first_error  # type: ignore[misc]
+    lam, oc, macs, chosen, path = min(reached, key=lambda t: in_macs(t[2], t[3], t[1]).mean_cost)  # type: ignore[arg-type]
+    choice = None
+    if learned is not None:
+        choice = {
+            "policy": "threshold" if lam is None else "learned",
+            "lambda": lam,
+            "variants": [
+                {
+                    "policy": "threshold" if v[0] is None else "learned",
+                    "lambda": v[0],
+                    "cost_ratio": None if v[3] is None else in_macs(v[2], v[3], v[1]).cost_ratio,
+                }
+                for v in tried
+            ],
+            "policies_sha256": learned.sha256 if lam is not None else None,
+        }
+    # the policies the thresholds are for go with them (and into the export)
+    extra = {} if lam is None else {"policies": [p.to_dict() for p in learned.policies((False,), lam)]}  # type: ignore[union-attr]
     return _finish(
-        run_dir, split, len(data), names, score, goal, target, oc, macs, chosen, config, warnings, t0, reserve, path
+        run_dir,
+        split,
+        len(data),
+        names,
+        score,
+        goal,
+        target,
+        oc,
+        macs,
+        chosen,
+        config,
+        warnings,
+        t0,
+        reserve,
+        path,
+        choice,
+        extra,
     )
+
+
+def _policy_candidates(
+    run_dir: Path, fitted: FittedGates, names: list[str], score: str, split: str, policy: str
+) -> tuple[Any, list[tuple[float, GateOutcomes]]]:
+    """The learned policies of a single network (None if there are none or they do not apply) and
+    their outcomes on ``split`` per trade-off lambda (cross-fitted scores)."""
+    from .exits import load_outputs, table
+    from .policies import network_member, read_policies
+
+    member = network_member(run_dir)
+    learned = read_policies(run_dir, [member]) if policy != "threshold" else None
+    usable = learned is not None and learned.split == split and names == fitted.names and score == fitted.score
+    if policy == "learned" and not usable:
+        why = (
+            "has no learned policies"
+            if learned is None
+            else f"has policies for all gates, the '{fitted.score}' rule and '{learned.split}'"
+        )
+        raise NotFittedError(f"{run_dir} {why}; run `dgate fit {run_dir} --policies` (or leave out --policy learned)")
+    if not usable:
+        return None, []
+    t = table([member], load_outputs([member], split), (False,))
+    return learned, [(lam, t.outcomes(learned.oof((False,), lam))) for lam in learned.lambdas]  # type: ignore[union-attr]
 
 
 def check_target(target_acc: float | None, max_drop: float | None) -> None:
@@ -264,6 +356,8 @@ def _finish(
     t0: float,
     reserve: float,
     path: list[torch.Tensor],
+    choice: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> CalibrationResult:
     result = CalibrationResult(
         run_dir=run_dir,
@@ -282,8 +376,9 @@ def _finish(
         unit=config.costs["unit"],
         seconds=time.perf_counter() - t0,
         warnings=warnings,
+        policy=choice,
     )
-    payload = result.to_dict()
+    payload = {**result.to_dict(), **(extra or {})}
     payload["identity"] = config.identity()
     payload["gates_sha256"] = _io.sha256_file(run_dir / "gates.safetensors")
     payload["split_fingerprint"] = cache.read_index(run_dir, split).fingerprint  # type: ignore[union-attr]

@@ -142,7 +142,7 @@ def table(members: Sequence[Member], outputs: Sequence[MemberOutputs], ensemble:
     spent = 0.0  # every member before this one, in full
     final = outputs[-1].logits
     for k, (m, o) in enumerate(zip(members, outputs, strict=True)):
-        start = spent + m.input_values
+        start = spent + (m.input_values if len(members) > 1 else 0)  # a lone network's input comes normalised
         cum = torch.tensor([s["macs"] for s in m.config.costs["stages"]], dtype=torch.float64).cumsum(0)
         for g in m.gates:
             i = m.config.gates.index(g)

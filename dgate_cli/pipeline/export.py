@@ -126,13 +126,29 @@ def _export(
         },
         frontier=calib["frontier"],
     )
+    extra = {}
+    if calib.get("policies"):  # learned exit policies (``dgate fit --policies``) chosen by calibration
+        _check_policies(run_dir, calib)
+        extra = {f"policies.{i}.weight": torch.tensor(p["weight"]) for i, p in enumerate(calib["policies"])}
+        data["policies"] = [{"bias": p["bias"]} for p in calib["policies"]]
     return write_export(
         out_dir,
         state,
         [fitted.weights[n] for n in names],
         [fitted.biases[n] for n in names],
         data,
+        extra,
     )
+
+
+def _check_policies(run_dir: Path, calib: dict[str, Any]) -> None:
+    from .policies import network_member, read_policies
+
+    learned = read_policies(run_dir, [network_member(run_dir)])
+    if learned is None or learned.sha256 != (calib.get("policy") or {}).get("policies_sha256"):
+        raise CacheMismatchError(
+            f"the policies in {run_dir} were refitted after calibration; run `dgate calibrate {run_dir}` again"
+        )
 
 
 def manifest_data(

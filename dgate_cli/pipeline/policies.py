@@ -30,6 +30,7 @@ from ..errors import CacheMismatchError, NotFittedError, SpecError
 from ..gates.policy import DEFAULT_LAMBDAS, FittedPolicy, cross_fit_scores, fit_policies
 from .cascade import CASCADE_JSON, Member, identity, read_cascade, read_members
 from .exits import ExitTable, ensemble_options, load_outputs, table
+from .fit import read_gates
 
 POLICIES_JSON = "policies.json"
 POLICIES_TENSORS = "policies.safetensors"
@@ -74,15 +75,60 @@ def fit_cascade(
         >>> fit_cascade("runs/r20-r56").variants  # doctest: +SKIP
         ['00@0.01', ...]
     """
+    run_dir = Path(run_dir)
+    members = read_members(run_dir)
+    if split not in read_cascade(run_dir)["splits"]:
+        raise NotFittedError(f"the members of {run_dir} do not all have split '{split}'; extract it on each")
+    return _fit(run_dir, members, split, lambdas, folds, seed, C, progress)
+
+
+def fit_network_policies(
+    run_dir: str | Path,
+    *,
+    split: str = "val",
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    C: float = 1.0,
+    progress: ProgressFn | None = None,
+) -> PolicyFit:
+    """Fit exit policies for the fitted gates of a single network's run directory (``dgate fit
+    --policies``), cross-fitted on ``split`` (not the gates' own ``train``).
+
+    Example:
+        >>> fit_network_policies("runs/r56").lambdas  # doctest: +SKIP
+    """
+    run_dir = Path(run_dir)
+    member = network_member(run_dir)
+    index = cache.read_index(run_dir, split)
+    if index is None or not index.complete:
+        raise NotFittedError(
+            f"policies are fitted on '{split}', which {run_dir} has not extracted; run `dgate extract {run_dir} --{split} DATA`"
+        )
+    return _fit(run_dir, [member], split, lambdas, folds, seed, C, progress)
+
+
+def network_member(run_dir: Path) -> Member:
+    """A single network's run directory as the one member of its exit table."""
+    fitted = read_gates(run_dir)
+    return Member(run_dir.name, run_dir, cache.read_run(run_dir), fitted, list(fitted.names))
+
+
+def _fit(
+    run_dir: Path,
+    members: list[Member],
+    split: str,
+    lambdas: Sequence[float],
+    folds: int,
+    seed: int,
+    C: float,
+    progress: ProgressFn | None,
+) -> PolicyFit:
     t0 = time.perf_counter()
     if folds < 2:
         raise SpecError(f"--folds must be at least 2, got {folds}")
     if not lambdas or any(lam < 0 for lam in lambdas):
         raise SpecError(f"--lambdas must be non-negative trade-offs, e.g. 0.1,0.3,1; got {list(lambdas)}")
-    run_dir = Path(run_dir)
-    members = read_members(run_dir)
-    if split not in read_cascade(run_dir)["splits"]:
-        raise NotFittedError(f"the members of {run_dir} do not all have split '{split}'; extract it on each")
     with cache.locked(run_dir, "fit"):
         outputs = load_outputs(members, split)
         tensors: dict[str, torch.Tensor] = {}
