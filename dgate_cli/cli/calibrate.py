@@ -141,6 +141,9 @@ def calibrate_command(
 
 def render(r: CalibrationResult) -> None:
     exits = [*r.gates, "end"]
+    shares = _per_member if r.cascade is not None else None
+    if r.cascade is not None:
+        exits = list(r.cascade["members"])
     table = Table(
         title=f"accuracy / cost frontier on '{r.split}' ({r.num_samples:,} images, backbone {pct(r.backbone_accuracy)})",
         title_justify="left",
@@ -163,7 +166,7 @@ def render(r: CalibrationResult) -> None:
             human(p.mean_cost),
             f"{p.cost_ratio:.3f}",
             pct(1 - p.cost_ratio, 1),
-            " / ".join(f"{100 * f:.0f}%" for f in p.exit_fractions),
+            " / ".join(f"{100 * f:.0f}%" for f in (shares(r, p.exit_fractions) if shares else p.exit_fractions)),
         )
     out.print(table)
     c = r.chosen
@@ -210,3 +213,10 @@ def render(r: CalibrationResult) -> None:
 def _variant(v: dict) -> str:
     name = v["policy"] if v["lambda"] is None else f"{v['policy']} (lambda {v['lambda']:g})"
     return f"{name} {'unreachable' if v['cost_ratio'] is None else format(v['cost_ratio'], '.3f')}"
+
+
+def _per_member(r: CalibrationResult, fractions: tuple[float, ...]) -> list[float]:
+    """A cascade's exit fractions summed per member (the end belongs to the last)."""
+    info = r.cascade or {}
+    owner = [e["member"] for e in info["exits"]] + [len(info["members"]) - 1]
+    return [sum(f for f, k in zip(fractions, owner, strict=True) if k == m) for m in range(len(info["members"]))]

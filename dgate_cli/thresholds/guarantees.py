@@ -238,4 +238,12 @@ def search_reserved(
         guess=lambda t: target + reserve(oc, t, z),
         known={_need(target, oc.num_samples): first.thresholds},
     )
-    return _with_target(oc.evaluate(t), target)
+    point = oc.evaluate(t)
+    if point.accuracy < target - 1e-12:  # the fallback, every gate closed, does not reach it either (a cascade's gain)
+        raise TargetUnreachableError(
+            f"no thresholds reach accuracy {target:.4f} with the noise reserve on the calibration split "
+            f"(reference {oc.backbone_accuracy:.4f}); lower the target or --reserve",
+            best_accuracy=first.accuracy,
+            backbone_accuracy=oc.backbone_accuracy,
+        )
+    return _with_target(point, target)
