@@ -116,7 +116,7 @@ def calibrated(base: Path, fitted: Path) -> Path:
 # -- help --------------------------------------------------------------------------------------------
 
 
-COMMANDS = ("demo", "extract", "fit", "calibrate", "export", "evaluate", "bench", "stages", "models")
+COMMANDS = ("demo", "extract", "fit", "calibrate", "cascade", "export", "evaluate", "bench", "stages", "models")
 
 
 def first_doc_line(fn) -> str:
@@ -578,6 +578,7 @@ def test_calibrate_passes_its_options(monkeypatch, tmp_path):
                 "confidence": 0.9,
                 "reserve": 1.5,
                 "gate_overhead": 0.01,
+                "policy": "auto",
             },
         )
     ]

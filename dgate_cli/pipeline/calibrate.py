@@ -16,9 +16,10 @@ from ..errors import NotFittedError, SpecError, TargetUnreachableError
 from ..gates.scores import SCORES, gate_scores
 from ..thresholds.frontier import Frontier, frontier
 from ..thresholds.guarantees import search_confident, search_reserved
-from ..thresholds.outcomes import GateOutcomes, OperatingPoint
+from ..thresholds.outcomes import GateOutcomes, OperatingPoint, in_macs
 from ..thresholds.search import lagrangian_path, search, sequential
 from .fit import FittedGates, read_gates
+from .policies import policy_candidates, policy_choice
 
 CALIBRATION_JSON = "calibration.json"
 DEFAULT_RESERVE = 2.0
@@ -232,7 +233,7 @@ def _calibrate(
     if gate_overhead > 0:
         target["gate_overhead"] = gate_overhead
     target.update({"confidence": confidence} if confidence is not None else {"reserve": reserve} if reserve > 0 else {})
-    learned, candidates = _policy_candidates(run_dir, fitted, names, score, split, policy)
+    learned, candidates = policy_candidates(run_dir, fitted, names, score, split, policy)
     tried: list[tuple[float | None, GateOutcomes, GateOutcomes, OperatingPoint | None, Any]] = []
     first_error = None
     for lam, m in [(None, macs)] * (policy != "learned") + candidates:
@@ -249,21 +250,7 @@ def _calibrate(
     if not reached:
         raise first_error  # type: ignore[misc]
     lam, oc, macs, chosen, path = min(reached, key=lambda t: in_macs(t[2], t[3], t[1]).mean_cost)  # type: ignore[arg-type]
-    choice = None
-    if learned is not None:
-        choice = {
-            "policy": "threshold" if lam is None else "learned",
-            "lambda": lam,
-            "variants": [
-                {
-                    "policy": "threshold" if v[0] is None else "learned",
-                    "lambda": v[0],
-                    "cost_ratio": None if v[3] is None else in_macs(v[2], v[3], v[1]).cost_ratio,
-                }
-                for v in tried
-            ],
-            "policies_sha256": learned.sha256 if lam is not None else None,
-        }
+    choice = None if learned is None else policy_choice(learned, lam, [(v[0], v[2], v[3], v[1]) for v in tried])
     # the policies the thresholds are for go with them (and into the export)
     extra = {} if lam is None else {"policies": [p.to_dict() for p in learned.policies((False,), lam)]}  # type: ignore[union-attr]
     return _finish(
@@ -285,30 +272,6 @@ def _calibrate(
         choice,
         extra,
     )
-
-
-def _policy_candidates(
-    run_dir: Path, fitted: FittedGates, names: list[str], score: str, split: str, policy: str
-) -> tuple[Any, list[tuple[float, GateOutcomes]]]:
-    """The learned policies of a single network (None if there are none or they do not apply) and
-    their outcomes on ``split`` per trade-off lambda (cross-fitted scores)."""
-    from .exits import load_outputs, table
-    from .policies import network_member, read_policies
-
-    member = network_member(run_dir)
-    learned = read_policies(run_dir, [member]) if policy != "threshold" else None
-    usable = learned is not None and learned.split == split and names == fitted.names and score == fitted.score
-    if policy == "learned" and not usable:
-        why = (
-            "has no learned policies"
-            if learned is None
-            else f"has policies for all gates, the '{fitted.score}' rule and '{learned.split}'"
-        )
-        raise NotFittedError(f"{run_dir} {why}; run `dgate fit {run_dir} --policies` (or leave out --policy learned)")
-    if not usable:
-        return None, []
-    t = table([member], load_outputs([member], split), (False,))
-    return learned, [(lam, t.outcomes(learned.oof((False,), lam))) for lam in learned.lambdas]  # type: ignore[union-attr]
 
 
 def check_target(target_acc: float | None, max_drop: float | None) -> None:
@@ -384,15 +347,6 @@ def _finish(
     payload["split_fingerprint"] = cache.read_index(run_dir, split).fingerprint  # type: ignore[union-attr]
     _io.write_json(run_dir / CALIBRATION_JSON, payload)
     return result
-
-
-def in_macs(macs: GateOutcomes, p: OperatingPoint, searched: GateOutcomes) -> OperatingPoint:
-    """``p``, found on ``searched``, with its cost in MACs (the search priced gates higher under
-    ``gate_overhead``)."""
-    if searched is macs:
-        return p
-    q = macs.evaluate(p.thresholds)
-    return OperatingPoint(q.thresholds, q.accuracy, q.mean_cost, q.cost_ratio, q.exit_fractions, p.target)
 
 
 def read_calibration(run_dir: str | Path) -> dict[str, Any]:

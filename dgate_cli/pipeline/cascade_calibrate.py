@@ -19,9 +19,9 @@ from typing import Any
 from .. import _io, cache
 from ..errors import NotFittedError, SpecError, TargetUnreachableError
 from ..thresholds.frontier import DEFAULT_DROPS, Frontier, frontier
-from ..thresholds.outcomes import GateOutcomes, OperatingPoint
+from ..thresholds.outcomes import GateOutcomes, OperatingPoint, in_macs
 from ..thresholds.search import lagrangian_path, max_accuracy, sequential
-from .calibrate import CALIBRATION_JSON, DEFAULT_RESERVE, CalibrationResult, check_target, choose, in_macs
+from .calibrate import CALIBRATION_JSON, DEFAULT_RESERVE, CalibrationResult, check_target, choose
 from .cascade import identity, read_cascade, read_members
 from .exits import ExitTable, ensemble_options, load_outputs, table
 from .policies import LearnedPolicies, check_table, read_policies

@@ -28,9 +28,10 @@ from .. import _io, cache
 from .._version import __version__
 from ..errors import CacheMismatchError, NotFittedError, SpecError
 from ..gates.policy import DEFAULT_LAMBDAS, FittedPolicy, cross_fit_scores, fit_policies
+from ..thresholds.outcomes import GateOutcomes, OperatingPoint, in_macs
 from .cascade import CASCADE_JSON, Member, identity, read_cascade, read_members
 from .exits import ExitTable, ensemble_options, load_outputs, table
-from .fit import read_gates
+from .fit import FittedGates, read_gates
 
 POLICIES_JSON = "policies.json"
 POLICIES_TENSORS = "policies.safetensors"
@@ -230,3 +231,47 @@ def check_table(t: ExitTable, learned: LearnedPolicies, ensemble: Sequence[bool]
         raise CacheMismatchError(
             f"the policies were fitted for other exits; run `dgate fit` on the cascade again ({CASCADE_JSON} changed)"
         )
+
+
+def policy_candidates(
+    run_dir: Path, fitted: FittedGates, names: list[str], score: str, split: str, policy: str
+) -> tuple[Any, list[tuple[float, GateOutcomes]]]:
+    """The learned policies of a single network (None if there are none or they do not apply) and
+    their outcomes on ``split`` per trade-off lambda (cross-fitted scores)."""
+    member = network_member(run_dir)
+    learned = read_policies(run_dir, [member]) if policy != "threshold" else None
+    usable = learned is not None and learned.split == split and names == fitted.names and score == fitted.score
+    if policy == "learned" and not usable:
+        why = (
+            "has no learned policies"
+            if learned is None
+            else f"has policies for all gates, the '{fitted.score}' rule and '{learned.split}'"
+        )
+        raise NotFittedError(f"{run_dir} {why}; run `dgate fit {run_dir} --policies` (or leave out --policy learned)")
+    if not usable:
+        return None, []
+    t = table([member], load_outputs([member], split), (False,))
+    return learned, [(lam, t.outcomes(learned.oof((False,), lam))) for lam in learned.lambdas]  # type: ignore[union-attr]
+
+
+def policy_choice(
+    learned: LearnedPolicies,
+    lam: float | None,
+    tried: list[tuple[float | None, GateOutcomes, OperatingPoint | None, GateOutcomes]],
+) -> dict[str, Any]:
+    """What calibration records of a single network's choice between its exits' scores and learned
+    policies: the choice, and each variant's cost at the target (``tried``: lambda or None, the
+    outcomes in MACs, the point found or None, the outcomes searched)."""
+    return {
+        "policy": "threshold" if lam is None else "learned",
+        "lambda": lam,
+        "variants": [
+            {
+                "policy": "threshold" if v is None else "learned",
+                "lambda": v,
+                "cost_ratio": None if p is None else in_macs(macs, p, searched).cost_ratio,
+            }
+            for v, macs, p, searched in tried
+        ],
+        "policies_sha256": learned.sha256 if lam is not None else None,
+    }

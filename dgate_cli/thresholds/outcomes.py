@@ -227,3 +227,12 @@ def discordant(oc: GateOutcomes, thresholds: Sequence[float]) -> tuple[int, int]
     gated = oc.all_correct().gather(1, e[:, None]).squeeze(1)
     ref = oc.reference
     return int((ref & ~gated).sum()), int((~ref & gated).sum())
+
+
+def in_macs(macs: GateOutcomes, p: OperatingPoint, searched: GateOutcomes) -> OperatingPoint:
+    """``p``, found on ``searched``, with its cost in MACs (the search priced gates higher under
+    ``gate_overhead``)."""
+    if searched is macs:
+        return p
+    q = macs.evaluate(p.thresholds)
+    return OperatingPoint(q.thresholds, q.accuracy, q.mean_cost, q.cost_ratio, q.exit_fractions, p.target)
