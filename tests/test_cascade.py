@@ -376,3 +376,12 @@ def test_a_single_network_can_exit_on_learned_policies(casc: Cascade, tmp_path: 
             export(run, tmp_path / "model2")
     with pytest.raises(NotFittedError, match="fit .* --policies"):
         calibrate(casc.small, max_drop=0.02, policy="learned")  # no policies fitted there
+
+
+def test_fit_policies_only_keeps_the_gates(casc: Cascade, tmp_path: Path):
+    run = Path(shutil.copytree(casc.small, tmp_path / "small"))
+    gates = (run / "gates.safetensors").read_bytes()
+    r = _cli("fit", str(run), "--policies-only", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["lambdas"] == [0.01, 0.03, 0.1, 0.3, 1.0]
+    assert (run / "gates.safetensors").read_bytes() == gates and (run / "policies.safetensors").is_file()

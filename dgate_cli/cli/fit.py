@@ -44,6 +44,9 @@ def fit_command(
             "`dgate calibrate` then keeps them where they are cheaper than the gates' own scores."
         ),
     ] = False,
+    policies_only: Annotated[
+        bool, typer.Option(help="Fit only the learned exit policies, on the gates already fitted (no refit).")
+    ] = False,
     json: o.Json = False,
 ) -> None:
     """Fit one linear gate per cached position on the train split (backbone frozen).
@@ -57,9 +60,9 @@ def fit_command(
 
     Example: dgate fit runs/r56
     """
-    if is_cascade(run_dir):
+    if is_cascade(run_dir) or policies_only:
         with progress(enabled=not json, unit="variants") as bar:
-            fitted = fit_cascade(run_dir, progress=bar)
+            fitted = (fit_cascade if is_cascade(run_dir) else fit_network_policies)(run_dir, progress=bar)
         if json:
             print_json(fitted.to_dict())
         else:
