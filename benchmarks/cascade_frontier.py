@@ -41,8 +41,9 @@ from _common import emit
 from dgate_cli.errors import TargetUnreachableError
 from dgate_cli.gates.policy import DEFAULT_LAMBDAS, cross_fit_scores
 from dgate_cli.pipeline.calibrate import DEFAULT_RESERVE, outcomes
-from dgate_cli.pipeline.cascade import Member, _read_member
+from dgate_cli.pipeline.cascade import Member, read_member
 from dgate_cli.pipeline.exits import ExitTable, load_outputs, table
+from dgate_cli.pipeline.policies import network_member
 from dgate_cli.thresholds.guarantees import search_reserved
 from dgate_cli.thresholds.outcomes import GateOutcomes, OperatingPoint
 from dgate_cli.thresholds.search import lagrangian_path, search
@@ -55,11 +56,9 @@ BUDGET = 0.65
 
 
 def members(runs: list[Path]) -> list[Member]:
-    out = []
     for p in runs:
-        config, fitted = _read_member(p)
-        out.append(Member(p.name, p, config, fitted, list(fitted.names)))
-    return out
+        read_member(p)  # the same checks as `dgate cascade`
+    return [network_member(p) for p in runs]
 
 
 class Variant:

@@ -38,7 +38,7 @@ from dgate_cli.pipeline.exits import ensemble_options, load_outputs, table
 from dgate_cli.pipeline.export import export
 from dgate_cli.pipeline.extract import extract
 from dgate_cli.pipeline.fit import fit
-from dgate_cli.pipeline.policies import fit_cascade, fit_network_policies, network_member, read_policies
+from dgate_cli.pipeline.policies import fit_exit_policies, network_member, read_policies
 from dgate_cli.runtime import manifest
 from dgate_cli.runtime.model import GatedModel
 from dgate_cli.runtime.plan import Policy, Step
@@ -81,7 +81,7 @@ def casc(tmp_path_factory: pytest.TempPathFactory) -> Cascade:
     big = _member(base, "big", data, epochs=4, seed=0)
     run = base / "casc"
     create(run, [small, big])
-    fit_cascade(run, lambdas=(0.1, 1.0), folds=3)
+    fit_exit_policies(run, lambdas=(0.1, 1.0), folds=3)
     return Cascade(base, data, small, big, run)
 
 
@@ -349,7 +349,7 @@ def test_memory_follows_the_rows_that_stay():
 
 def test_a_single_network_can_exit_on_learned_policies(casc: Cascade, tmp_path: Path):
     run = Path(shutil.copytree(casc.big, tmp_path / "big"))
-    fit_network_policies(run, lambdas=(0.3, 1.0), folds=3)
+    fit_exit_policies(run, lambdas=(0.3, 1.0), folds=3)
     r = calibrate(run, max_drop=0.02, policy="learned")
     assert r.policy is not None and r.policy["policy"] == "learned" and r.policy["lambda"] in (0.3, 1.0)
     export(run, tmp_path / "model")
@@ -370,7 +370,7 @@ def test_a_single_network_can_exit_on_learned_policies(casc: Cascade, tmp_path: 
     assert [v["policy"] for v in auto.policy["variants"]] == ["threshold", "learned", "learned"]  # type: ignore[index]
     assert auto.chosen.cost_ratio == pytest.approx(min(costs))
     # policies refitted after calibration are not exported with stale thresholds
-    fit_network_policies(run, lambdas=(0.1,), folds=3)
+    fit_exit_policies(run, lambdas=(0.1,), folds=3)
     if auto.policy["policy"] == "learned":  # type: ignore[index]
         with pytest.raises(CacheMismatchError, match="refitted after calibration"):
             export(run, tmp_path / "model2")

@@ -579,6 +579,7 @@ def test_calibrate_passes_its_options(monkeypatch, tmp_path):
                 "reserve": 1.5,
                 "gate_overhead": 0.01,
                 "policy": "auto",
+                "ensemble": "auto",
             },
         )
     ]

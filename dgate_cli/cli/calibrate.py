@@ -8,12 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..errors import SpecError
 from ..evaluation.plot import check_plot_path, plot_frontiers
 from ..models.flops import human
 from ..pipeline.calibrate import CalibrationResult, calibrate
-from ..pipeline.cascade import is_cascade
-from ..pipeline.cascade_calibrate import calibrate_cascade
 from . import _options as o
 from ._output import out, pct, print_json, warn
 from .cascade import render_variants
@@ -92,35 +89,19 @@ def calibrate_command(
     """
     if plot is not None:
         check_plot_path(plot)  # before the work, not after it
-    if is_cascade(run_dir):
-        if score is not None or gates is not None:
-            raise SpecError("--score and --gates apply to a single network, not to a cascade; leave them out")
-        result = calibrate_cascade(
-            run_dir,
-            target_acc=target_acc,
-            max_drop=max_drop,
-            split=split,
-            confidence=confidence,
-            reserve=reserve,
-            policy=policy,
-            ensemble=ensemble,
-            gate_overhead=gate_overhead,
-        )
-    elif ensemble != "auto":
-        raise SpecError("--ensemble applies to cascades (`dgate cascade`); leave it out for a single network")
-    else:
-        result = calibrate(
-            run_dir,
-            target_acc=target_acc,
-            max_drop=max_drop,
-            split=split,
-            score=score,
-            gates=o.split_list(gates),
-            confidence=confidence,
-            reserve=reserve,
-            gate_overhead=gate_overhead,
-            policy=policy,
-        )
+    result = calibrate(
+        run_dir,
+        target_acc=target_acc,
+        max_drop=max_drop,
+        split=split,
+        score=score,
+        gates=o.split_list(gates),
+        confidence=confidence,
+        reserve=reserve,
+        gate_overhead=gate_overhead,
+        policy=policy,
+        ensemble=ensemble,
+    )
     if plot is not None:
         plot_frontiers(
             {f"d-gates ({result.score})": [(p.cost_ratio, p.accuracy) for p in result.frontier.points]},

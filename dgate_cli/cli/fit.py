@@ -10,7 +10,7 @@ from rich.table import Table
 from ..gates.linear import DEFAULT_C_GRID
 from ..pipeline.cascade import is_cascade
 from ..pipeline.fit import fit
-from ..pipeline.policies import fit_cascade, fit_network_policies
+from ..pipeline.policies import fit_exit_policies
 from . import _options as o
 from ._output import note, out, pct, print_json, progress
 from .cascade import render_policy_fit
@@ -62,7 +62,7 @@ def fit_command(
     """
     if is_cascade(run_dir) or policies_only:
         with progress(enabled=not json, unit="variants") as bar:
-            fitted = (fit_cascade if is_cascade(run_dir) else fit_network_policies)(run_dir, progress=bar)
+            fitted = fit_exit_policies(run_dir, progress=bar)
         if json:
             print_json(fitted.to_dict())
         else:
@@ -76,7 +76,7 @@ def fit_command(
     learned = None
     if policies:
         with progress(enabled=not json, unit="variants") as bar:
-            learned = fit_network_policies(run_dir, progress=bar)
+            learned = fit_exit_policies(run_dir, progress=bar)
     if json:
         print_json({**result.to_dict(), **({"policies": learned.to_dict()} if learned else {})})
         return

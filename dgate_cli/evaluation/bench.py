@@ -209,27 +209,7 @@ def _member_row(
     acc = _accuracy(lambda x: member(x).argmax(1), images, labels, b) if labels is not None else None
     cost = float(entry["macs"]) + 3 * model.manifest["input_size"] ** 2  # as the cascade counts it
     ratio = cost / model.cost.backbone  # type: ignore[union-attr]
-    n = len(t_g) * b
-    speedup = sum(t_bb) / sum(t_g)
-    return BenchRow(
-        batch_size=b,
-        batches=len(t_g),
-        images=n,
-        backbone_ms=1e3 * lat[0],
-        gated_ms=1e3 * lat[1],
-        backbone_p95_ms=1e3 * lat[2],
-        gated_p95_ms=1e3 * lat[3],
-        backbone_images_per_s=n / sum(t_bb),
-        gated_images_per_s=n / sum(t_g),
-        speedup=speedup,
-        ideal_speedup=1 / ratio,
-        efficiency=speedup * ratio,
-        flops_ratio=ratio,
-        exit_fractions=[],
-        accuracy=acc,
-        backbone_accuracy=bb_acc,
-        mode=f"member {entry['name']}",
-    )
+    return _timed_row(b, len(t_g), len(t_g) * b, t_bb, t_g, lat, ratio, [], acc, bb_acc, f"member {entry['name']}")
 
 
 def _time_batches(
@@ -344,10 +324,27 @@ def _row(
     cost = model.cost
     if cost is None:
         raise ValueError("bench needs a model with a cost table (an export carries one)")
-    backbone_cost = cost.backbone
-    mean_cost = cost.mean_cost(exits, model.thresholds)
+    ratio = cost.mean_cost(exits, model.thresholds) / cost.backbone
+    fractions = (torch.bincount(exits, minlength=model.num_gates + 1).double() / exits.numel()).tolist()
+    return _timed_row(b, batches, images, t_bb, t_g, lat, ratio, fractions, acc, bb_acc, mode)
+
+
+def _timed_row(
+    b: int,
+    batches: int,
+    images: int,
+    t_bb: list[float],
+    t_g: list[float],
+    lat: tuple[float, float, float, float],
+    flops_ratio: float,
+    exit_fractions: list[float],
+    acc: float | None,
+    bb_acc: float | None,
+    mode: str,
+) -> BenchRow:
+    """A :class:`BenchRow` from the timings (seconds) of the model timed and of the reference, the
+    latencies to report and the model's cost as a fraction of the reference's."""
     speedup = sum(t_bb) / sum(t_g)
-    ideal = backbone_cost / mean_cost
     return BenchRow(
         batch_size=b,
         batches=batches,
@@ -359,10 +356,10 @@ def _row(
         backbone_images_per_s=images / sum(t_bb),
         gated_images_per_s=images / sum(t_g),
         speedup=speedup,
-        ideal_speedup=ideal,
-        efficiency=speedup / ideal,
-        flops_ratio=mean_cost / backbone_cost,
-        exit_fractions=(torch.bincount(exits, minlength=model.num_gates + 1).double() / exits.numel()).tolist(),
+        ideal_speedup=1 / flops_ratio,
+        efficiency=speedup * flops_ratio,
+        flops_ratio=flops_ratio,
+        exit_fractions=exit_fractions,
         accuracy=acc,
         backbone_accuracy=bb_acc,
         mode=mode,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,14 +11,15 @@ import torch
 
 from .. import _io, cache
 from .._version import __version__
-from ..errors import NotFittedError, SpecError, TargetUnreachableError
+from ..errors import NotFittedError, SpecError
 from ..gates.scores import SCORES, gate_scores
+from ..thresholds.candidates import cheapest, check_target, try_each
 from ..thresholds.frontier import Frontier, frontier
-from ..thresholds.guarantees import search_confident, search_reserved
 from ..thresholds.outcomes import GateOutcomes, OperatingPoint, in_macs
-from ..thresholds.search import lagrangian_path, search, sequential
+from ..thresholds.search import sequential
+from .cascade import is_cascade
 from .fit import FittedGates, read_gates
-from .policies import policy_candidates, policy_choice
+from .policies import network_member, policy_candidates, policy_choice
 
 CALIBRATION_JSON = "calibration.json"
 DEFAULT_RESERVE = 2.0
@@ -125,8 +125,12 @@ def calibrate(
     reserve: float = DEFAULT_RESERVE,
     gate_overhead: float = 0.0,
     policy: str = "auto",
+    ensemble: str = "auto",
 ) -> CalibrationResult:
     """Choose thresholds with the lowest mean cost such that accuracy on ``split`` reaches the target.
+
+    On a cascade run directory (``dgate cascade``) this is :func:`.cascade_calibrate.calibrate_cascade`
+    (``ensemble`` applies there; ``score`` and ``gates`` do not).
 
     Args:
         run_dir: a run directory with fitted gates and the calibration split extracted.
@@ -162,12 +166,30 @@ def calibrate(
         0.71
     """
     t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    if is_cascade(run_dir):
+        if score is not None or gates is not None:
+            raise SpecError("--score and --gates apply to a single network, not to a cascade; leave them out")
+        from .cascade_calibrate import calibrate_cascade  # it builds on this module's search
+
+        return calibrate_cascade(
+            run_dir,
+            target_acc=target_acc,
+            max_drop=max_drop,
+            split=split,
+            confidence=confidence,
+            reserve=reserve,
+            policy=policy,
+            ensemble=ensemble,
+            gate_overhead=gate_overhead,
+        )
+    if ensemble != "auto":
+        raise SpecError("--ensemble applies to cascades (`dgate cascade`); leave it out for a single network")
     check_target(target_acc, max_drop)
     if not 0.0 <= gate_overhead < 1.0:
         raise SpecError(
             f"--gate-overhead must be a fraction of the backbone's cost in [0, 1), got {gate_overhead}; e.g. 0.01"
         )
-    run_dir = Path(run_dir)
     config = cache.read_run(run_dir)
     with cache.locked(run_dir, "calibrate"):
         return _calibrate(
@@ -233,24 +255,21 @@ def _calibrate(
     if gate_overhead > 0:
         target["gate_overhead"] = gate_overhead
     target.update({"confidence": confidence} if confidence is not None else {"reserve": reserve} if reserve > 0 else {})
-    learned, candidates = policy_candidates(run_dir, fitted, names, score, split, policy)
-    tried: list[tuple[float | None, GateOutcomes, GateOutcomes, OperatingPoint | None, Any]] = []
-    first_error = None
-    for lam, m in [(None, macs)] * (policy != "learned") + candidates:
-        oc = m  # what the search minimises: MACs, plus each open gate's overhead
-        if gate_overhead > 0:
-            oc = dataclasses.replace(m, gate_costs=m.gate_costs + gate_overhead * m.backbone_cost)
-        path = lagrangian_path(oc)  # shared by the search and the frontier
-        try:
-            tried.append((lam, oc, m, choose(oc, goal, target_acc, max_drop, confidence, reserve, polish, path), path))
-        except TargetUnreachableError as exc:
-            first_error = first_error or exc
-            tried.append((lam, oc, m, None, path))
-    reached = [t for t in tried if t[3] is not None]
-    if not reached:
-        raise first_error  # type: ignore[misc]
-    lam, oc, macs, chosen, path = min(reached, key=lambda t: in_macs(t[2], t[3], t[1]).mean_cost)  # type: ignore[arg-type]
-    choice = None if learned is None else policy_choice(learned, lam, [(v[0], v[2], v[3], v[1]) for v in tried])
+    member = network_member(run_dir, config, fitted)
+    learned, candidates = policy_candidates(member, data, names, score, split, policy)
+    tried = try_each(
+        [(None, macs)] * (policy != "learned") + candidates,
+        goal,
+        target_acc,
+        max_drop,
+        confidence,
+        reserve,
+        gate_overhead,
+        polish,
+    )
+    best = cheapest(tried)
+    lam, oc, macs, chosen, path = best.key, best.searched, best.macs, best.found, best.path
+    choice = None if learned is None else policy_choice(learned, lam, tried)
     # the policies the thresholds are for go with them (and into the export)
     extra = {} if lam is None else {"policies": [p.to_dict() for p in learned.policies((False,), lam)]}  # type: ignore[union-attr]
     return _finish(
@@ -272,35 +291,6 @@ def _calibrate(
         choice,
         extra,
     )
-
-
-def check_target(target_acc: float | None, max_drop: float | None) -> None:
-    """Exactly one of an accuracy target and a drop, each in range; one-line errors otherwise."""
-    if (target_acc is None) == (max_drop is None):
-        raise SpecError("give exactly one of --target-acc (e.g. 0.93) and --max-drop (e.g. 0.01)")
-    if target_acc is not None and not 0.0 < target_acc <= 1.0:
-        raise SpecError(f"--target-acc must be a fraction in (0, 1], got {target_acc}; for 93% write 0.93")
-    if max_drop is not None and not 0.0 <= max_drop < 1.0:
-        raise SpecError(f"--max-drop must be a fraction in [0, 1), got {max_drop}; for one point write 0.01")
-
-
-def choose(
-    oc: GateOutcomes,
-    goal: float,
-    target_acc: float | None,
-    max_drop: float | None,
-    confidence: float | None,
-    reserve: float,
-    polish: bool = True,
-    path: list[torch.Tensor] | None = None,
-) -> OperatingPoint:
-    """The operating point for ``goal``: with a ``confidence`` guarantee, a noise ``reserve``, or
-    on the calibration outcomes exactly (``reserve`` 0)."""
-    if confidence is not None:
-        return search_confident(oc, confidence, target_acc=target_acc, max_drop=max_drop)
-    if reserve > 0:
-        return search_reserved(oc, goal, reserve, _path=path)
-    return search(oc, goal, polish=polish, _path=path)
 
 
 def _finish(

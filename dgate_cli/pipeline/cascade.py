@@ -38,6 +38,7 @@ class Member:
 
     Attributes:
         gates: the fitted gates the cascade uses inside this member (all, or none).
+        gates_sha256: of its ``gates.safetensors``, read once (what the cascade's identity covers).
     """
 
     name: str
@@ -45,6 +46,7 @@ class Member:
     config: cache.RunConfig
     fitted: FittedGates
     gates: list[str]
+    gates_sha256: str
 
     @property
     def preprocess(self) -> Preprocess:
@@ -96,7 +98,7 @@ def create(
         raise CacheMismatchError(f"{out_run} already holds a cascade; pass --overwrite to replace it")
     if out_run.exists() and not out_run.is_dir():
         raise SpecError(f"{out_run} is a file; give the cascade a new directory")
-    loaded = [_read_member(p) for p in paths]
+    loaded = [read_member(p) for p in paths]
     first_run, first = paths[0], loaded[0][0]
     for p, (config, _) in zip(paths[1:], loaded[1:], strict=True):
         if config.classes != first.classes:
@@ -149,13 +151,14 @@ def read_members(run_dir: str | Path) -> list[Member]:
     members = []
     for entry in data["members"]:
         p = Path(entry["run_dir"])
-        config, fitted = _read_member(p)
-        if config.identity() != entry["identity"] or _io.sha256_file(p / GATES_TENSORS) != entry["gates_sha256"]:
+        config, fitted = read_member(p)
+        sha = _io.sha256_file(p / GATES_TENSORS)
+        if config.identity() != entry["identity"] or sha != entry["gates_sha256"]:
             raise CacheMismatchError(
                 f"member {p} was extracted or fitted again since `dgate cascade`; run "
                 f"`dgate cascade {run_dir} ... --overwrite` again"
             )
-        members.append(Member(entry["name"], p, config, fitted, list(entry["gates"])))
+        members.append(Member(entry["name"], p, config, fitted, list(entry["gates"]), sha))
     return members
 
 
@@ -170,11 +173,12 @@ def identity(members: list[Member]) -> str:
     key = []
     for m in members:
         splits = {s: getattr(cache.read_index(m.run_dir, s), "fingerprint", None) for s in ("train", "val", "test")}
-        key.append([m.config.identity(), splits, m.gates, _io.sha256_file(m.run_dir / GATES_TENSORS)])
+        key.append([m.config.identity(), splits, m.gates, m.gates_sha256])
     return _io.sha256_text(json.dumps(key))
 
 
-def _read_member(p: Path) -> tuple[cache.RunConfig, FittedGates]:
+def read_member(p: Path) -> tuple[cache.RunConfig, FittedGates]:
+    """A member's run settings and fitted gates; a clear error if it is not one."""
     if not p.is_dir():
         raise MissingFileError(f"member {p} does not exist; pass run directories made by `dgate extract`")
     if is_cascade(p):

@@ -10,7 +10,6 @@ alone (the reference). Every variant's cost is recorded, so the choice can be ch
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +17,12 @@ from typing import Any
 
 from .. import _io, cache
 from ..errors import NotFittedError, SpecError, TargetUnreachableError
+from ..thresholds.candidates import cheapest, check_target, try_each
 from ..thresholds.frontier import DEFAULT_DROPS, Frontier, frontier
 from ..thresholds.outcomes import GateOutcomes, OperatingPoint, in_macs
-from ..thresholds.search import lagrangian_path, max_accuracy, sequential
-from .calibrate import CALIBRATION_JSON, DEFAULT_RESERVE, CalibrationResult, check_target, choose
-from .cascade import identity, read_cascade, read_members
+from ..thresholds.search import max_accuracy, sequential
+from .calibrate import CALIBRATION_JSON, DEFAULT_RESERVE, CalibrationResult
+from .cascade import Member, identity, read_cascade, read_members
 from .exits import ExitTable, ensemble_options, load_outputs, table
 from .policies import LearnedPolicies, check_table, read_policies
 
@@ -47,15 +47,14 @@ class Variant:
 
 
 def variants(
-    run_dir: Path, split: str, policy: str = "auto", ensemble: str = "auto"
+    run_dir: Path, members: list[Member], split: str, policy: str = "auto", ensemble: str = "auto"
 ) -> tuple[list[Variant], LearnedPolicies | None]:
-    """Every variant of the cascade in ``run_dir`` on ``split`` that ``policy`` and ``ensemble``
-    allow, and the learned policies they use (None: none)."""
+    """Every variant of the cascade in ``run_dir`` (of ``members``) on ``split`` that ``policy``
+    and ``ensemble`` allow, and the learned policies they use (None: none)."""
     if policy not in POLICIES:
         raise SpecError(f"--policy must be one of {', '.join(POLICIES)}, got '{policy}'")
     if ensemble not in ENSEMBLES:
         raise SpecError(f"--ensemble must be one of {', '.join(ENSEMBLES)}, got '{ensemble}'")
-    members = read_members(run_dir)
     if split not in read_cascade(run_dir)["splits"]:
         raise NotFittedError(f"the members of {run_dir} do not all have split '{split}'; extract it on each")
     learned = read_policies(run_dir, members) if policy != "threshold" else None
@@ -117,57 +116,48 @@ def calibrate_cascade(
         raise SpecError(f"--gate-overhead must be a fraction of the reference's cost in [0, 1), got {gate_overhead}")
     run_dir = Path(run_dir)
     with cache.locked(run_dir, "calibrate"):
-        found, learned = variants(run_dir, split, policy, ensemble)
+        members = read_members(run_dir)
+        found, learned = variants(run_dir, members, split, policy, ensemble)
         ref_acc = found[0].oc.backbone_accuracy
         goal = ref_acc - max_drop if max_drop is not None else float(target_acc)  # type: ignore[arg-type]
-        results = []
-        for v in found:
-            searched = _priced(v.oc, gate_overhead)
-            try:
-                p = choose(searched, goal, target_acc, max_drop, confidence, reserve, path=lagrangian_path(searched))
-                p = in_macs(v.oc, p, searched)
-            except TargetUnreachableError:
-                p = None
-            results.append((v, p))
-        reached = [(v, p) for v, p in results if p is not None]
-        if not reached:
+        tried = try_each([(v, v.oc) for v in found], goal, target_acc, max_drop, confidence, reserve, gate_overhead)
+        if all(t.point is None for t in tried):
             raise TargetUnreachableError(
                 f"no variant of the cascade reaches accuracy {goal:.4f} on '{split}' (reference {ref_acc:.4f}); "
                 "lower --target-acc or raise --max-drop",
                 best_accuracy=max(max_accuracy(v.oc).accuracy for v in found),
                 backbone_accuracy=ref_acc,
             )
-        best, chosen = min(reached, key=lambda vp: (vp[1].mean_cost, vp[0].policy != "threshold"))  # type: ignore[union-attr]
-        t = best.table
-        searched = _priced(best.oc, gate_overhead)
-        path = lagrangian_path(searched)
+        pick = cheapest(tried)  # the first among equals: threshold exits before learned ones
+        best, oc, searched = pick.key, pick.macs, pick.searched
         target: dict[str, Any] = {"max_drop": max_drop} if max_drop is not None else {"accuracy": target_acc}
         target.update(
             {"confidence": confidence} if confidence is not None else {"reserve": reserve} if reserve > 0 else {}
         )
         if gate_overhead:
             target["gate_overhead"] = gate_overhead
-        oc = best.oc
         info = {
-            "members": [e["name"] for e in read_cascade(run_dir)["members"]],
-            "exits": [e._asdict() for e in t.exits],
+            "members": [m.name for m in members],
+            "exits": [e._asdict() for e in best.table.exits],
             "variant": best.describe(),
-            "variants": [{**v.describe(), "cost_ratio": None if p is None else p.cost_ratio} for v, p in results],
+            "variants": [
+                {**t.key.describe(), "cost_ratio": None if t.point is None else t.point.cost_ratio} for t in tried
+            ],
             "policies_sha256": learned.sha256 if learned is not None and best.policy == "learned" else None,
         }
         result = CalibrationResult(
             run_dir=run_dir,
             split=split,
             num_samples=oc.num_samples,
-            gates=t.names,
+            gates=best.table.names,
             score="policy" if best.policy == "learned" else "rule",
             target_accuracy=goal,
             target=target,
             backbone_accuracy=ref_acc,
-            chosen=chosen,  # type: ignore[arg-type]
+            chosen=pick.point,  # type: ignore[arg-type]
             sequential=in_macs(oc, sequential(searched, goal), searched),
             frontier=Frontier(
-                [in_macs(oc, p, searched) for p in frontier(searched, CASCADE_DROPS, z=reserve, _path=path).points]
+                [in_macs(oc, p, searched) for p in frontier(searched, CASCADE_DROPS, z=reserve, _path=pick.path).points]
             ),
             reach_costs=oc.reach_costs.tolist(),
             gate_costs=oc.gate_costs.tolist(),
@@ -176,7 +166,6 @@ def calibrate_cascade(
             reference_cost=oc.backbone_cost,
             cascade=info,
         )
-        members = read_members(run_dir)
         payload = result.to_dict()
         if best.lam is not None and learned is not None:
             payload["policies"] = [p.to_dict() for p in learned.policies(best.ensemble, best.lam)]
@@ -184,13 +173,6 @@ def calibrate_cascade(
         payload["split_fingerprint"] = cache.read_index(members[0].run_dir, split).fingerprint  # type: ignore[union-attr]
         _io.write_json(run_dir / CALIBRATION_JSON, payload)
         return result
-
-
-def _priced(oc: GateOutcomes, gate_overhead: float) -> GateOutcomes:
-    """``oc`` with each exit priced ``gate_overhead`` of the reference's cost higher (for the search)."""
-    if not gate_overhead:
-        return oc
-    return dataclasses.replace(oc, gate_costs=oc.gate_costs + gate_overhead * oc.backbone_cost)
 
 
 def read_cascade_calibration(run_dir: str | Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from ..runtime.plan import Step
 from .cascade import Member, read_members
 from .cascade_calibrate import read_cascade_calibration
 from .exits import HEAD
-from .export import ExportResult, check_out_dir, manifest_data, source_state, write_export
+from .export import ExportResult, check_out_dir, gate_entry, manifest_data, source_state, write_export
 from .policies import read_policies
 
 
@@ -48,27 +48,18 @@ def export_cascade(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
         weights, biases, gates = [], [], []
         K = len(members[0].config.classes)
         for i, e in enumerate(exits):
-            m = members[e["member"]]
-            if e["kind"] == HEAD:
+            m, cost = members[e["member"]], calib["costs"]["gates"][i]
+            if e["kind"] == HEAD:  # a member's answer: the identity gate on its logits
                 weights.append(torch.eye(K))
                 biases.append(torch.zeros(K))
-                gates.append(
-                    {"name": e["name"], "layout": "nc", "pooling": {"sizes": [1], "ops": ["avg"]}, "features": K}
-                )
+                pooling = {"sizes": [1], "ops": ["avg"]}
+                gates.append({"name": e["name"], "layout": "nc", "pooling": pooling, "features": K, "cost": cost})
             else:
                 g = e["name"].split("/", 1)[1]
-                j = m.config.gates.index(g)
                 weights.append(m.fitted.weights[g])
                 biases.append(m.fitted.biases[g])
-                gates.append(
-                    {
-                        "name": e["name"],
-                        "layout": m.config.layouts[j],
-                        "pooling": m.config.gate_pooling[j],
-                        "features": m.config.feature_sizes[j],
-                    }
-                )
-            gates[-1].update(cost=calib["costs"]["gates"][i], score=e["rule"])
+                gates.append(gate_entry(m.config, g, cost, name=e["name"]))
+            gates[-1]["score"] = e["rule"]
         policies = calib.get("policies")
         if policies:
             for i, p in enumerate(policies):
@@ -121,7 +112,10 @@ def plan(members: list[Member], exits: list[dict[str, Any]], ensemble: list[bool
     for k, m in enumerate(members):
         last = k == len(members) - 1
         for i, name in enumerate(m.gates):
-            assert exits[g]["name"] == f"{m.name}/{name}"
+            if exits[g]["name"] != f"{m.name}/{name}":
+                raise CacheMismatchError(
+                    "the calibration's exits do not follow the members' gates; run `dgate calibrate` on the cascade again"
+                )
             steps.append(Step("stage", exits[g]["name"], "input" if i == 0 else "previous", g))
             g += 1
         source = "previous" if m.gates else "input"

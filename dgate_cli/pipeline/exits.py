@@ -25,6 +25,7 @@ from .. import cache
 from ..errors import CacheMismatchError
 from ..gates.policy import exit_features, num_features
 from ..gates.scores import average_probabilities, gate_scores
+from ..thresholds.cost import CostModel
 from ..thresholds.outcomes import GateOutcomes
 from .cascade import Member
 
@@ -49,14 +50,17 @@ class MemberOutputs:
     labels: torch.Tensor
 
 
+def outputs_of(member: Member, data: cache.SplitFeatures) -> MemberOutputs:
+    """A member's gate outputs and logits on a split already read (``data``)."""
+    gates = {g: member.fitted.outputs(g, data.features[g]) for g in member.gates}
+    return MemberOutputs(gates, data.logits.float(), data.labels)
+
+
 def load_outputs(members: Sequence[Member], split: str) -> list[MemberOutputs]:
     """Every member's gate outputs and logits on ``split`` (one read of each member's cache)."""
     out = []
     for m in members:
-        data = cache.load_split(m.run_dir, split, gates=m.gates)
-        out.append(
-            MemberOutputs({g: m.fitted.outputs(g, data.features[g]) for g in m.gates}, data.logits.float(), data.labels)
-        )
+        out.append(outputs_of(m, cache.load_split(m.run_dir, split, gates=m.gates)))
         if not torch.equal(out[-1].labels, out[0].labels):
             raise CacheMismatchError(
                 f"the '{split}' samples of {m.run_dir} and {members[0].run_dir} differ (labels or order); "
@@ -126,7 +130,8 @@ class ExitTable:
 
     def exit_costs(self) -> torch.Tensor:
         """``(G + 1,)`` cost of leaving at each exit with every exit open, as fractions of the reference."""
-        return self.outcomes().exit_costs() / self.reference_cost
+        cost = CostModel(tuple(self.reach.tolist()), tuple(self.gate_costs.tolist()), reference=self.reference_cost)
+        return cost.exit_costs() / self.reference_cost
 
 
 def table(members: Sequence[Member], outputs: Sequence[MemberOutputs], ensemble: Sequence[bool]) -> ExitTable:

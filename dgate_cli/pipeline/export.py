@@ -92,19 +92,9 @@ def _export(
     check_out_dir(out_dir, overwrite)
     state = source_state(run_dir, config)
     names = calib["gates"]
-    idx = [config.gates.index(n) for n in names]
     data = manifest_data(
         model=config.model,
-        gates=[
-            {
-                "name": n,
-                "layout": config.layouts[i],
-                "pooling": config.gate_pooling[i],
-                "features": config.feature_sizes[i],
-                "cost": calib["costs"]["gates"][k],
-            }
-            for k, (n, i) in enumerate(zip(names, idx, strict=True))
-        ],
+        gates=[gate_entry(config, n, calib["costs"]["gates"][k]) for k, n in enumerate(names)],
         pooling=config.pooling,
         score=calib["score"],
         classes=config.classes,
@@ -149,6 +139,20 @@ def _check_policies(run_dir: Path, calib: dict[str, Any]) -> None:
         raise CacheMismatchError(
             f"the policies in {run_dir} were refitted after calibration; run `dgate calibrate {run_dir}` again"
         )
+
+
+def gate_entry(config: cache.RunConfig, gate: str, cost: float, **more: Any) -> dict[str, Any]:
+    """The manifest entry of a run's ``gate`` (name, layout, pooling, features, cost; ``more``
+    adds or replaces keys)."""
+    i = config.gates.index(gate)
+    return {
+        "name": gate,
+        "layout": config.layouts[i],
+        "pooling": config.gate_pooling[i],
+        "features": config.feature_sizes[i],
+        "cost": cost,
+        **more,
+    }
 
 
 def manifest_data(

@@ -28,10 +28,10 @@ from .. import _io, cache
 from .._version import __version__
 from ..errors import CacheMismatchError, NotFittedError, SpecError
 from ..gates.policy import DEFAULT_LAMBDAS, FittedPolicy, cross_fit_scores, fit_policies
-from ..thresholds.outcomes import GateOutcomes, OperatingPoint, in_macs
-from .cascade import CASCADE_JSON, Member, identity, read_cascade, read_members
-from .exits import ExitTable, ensemble_options, load_outputs, table
-from .fit import FittedGates, read_gates
+from ..thresholds.outcomes import GateOutcomes
+from .cascade import CASCADE_JSON, Member, identity, is_cascade, read_cascade, read_members
+from .exits import ExitTable, ensemble_options, load_outputs, outputs_of, table
+from .fit import GATES_TENSORS, FittedGates, read_gates
 
 POLICIES_JSON = "policies.json"
 POLICIES_TENSORS = "policies.safetensors"
@@ -59,7 +59,7 @@ class PolicyFit(_io.AsDict):
     seconds: float
 
 
-def fit_cascade(
+def fit_exit_policies(
     run_dir: str | Path,
     *,
     split: str = "val",
@@ -69,50 +69,42 @@ def fit_cascade(
     C: float = 1.0,
     progress: ProgressFn | None = None,
 ) -> PolicyFit:
-    """Fit the exit policies of the cascade in ``run_dir`` for every way its answers may combine
-    and every trade-off in ``lambdas``, with ``folds``-fold cross-fitting on ``split``.
+    """Fit the exit policies of a cascade (every way its answers may combine) or of a single
+    network's fitted gates (``dgate fit --policies``), for every trade-off in ``lambdas``, with
+    ``folds``-fold cross-fitting on ``split`` (not the gates' own ``train``).
 
     Example:
-        >>> fit_cascade("runs/r20-r56").variants  # doctest: +SKIP
+        >>> fit_exit_policies("runs/r20-r56").variants  # doctest: +SKIP
         ['00@0.01', ...]
     """
     run_dir = Path(run_dir)
-    members = read_members(run_dir)
-    if split not in read_cascade(run_dir)["splits"]:
-        raise NotFittedError(f"the members of {run_dir} do not all have split '{split}'; extract it on each")
+    if is_cascade(run_dir):
+        members = read_members(run_dir)
+        if split not in read_cascade(run_dir)["splits"]:
+            raise NotFittedError(f"the members of {run_dir} do not all have split '{split}'; extract it on each")
+    else:
+        members = [network_member(run_dir)]
+        index = cache.read_index(run_dir, split)
+        if index is None or not index.complete:
+            raise NotFittedError(
+                f"policies are fitted on '{split}', which {run_dir} has not extracted; "
+                f"run `dgate extract {run_dir} --{split} DATA`"
+            )
     return _fit(run_dir, members, split, lambdas, folds, seed, C, progress)
 
 
-def fit_network_policies(
-    run_dir: str | Path,
-    *,
-    split: str = "val",
-    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
-    folds: int = DEFAULT_FOLDS,
-    seed: int = 0,
-    C: float = 1.0,
-    progress: ProgressFn | None = None,
-) -> PolicyFit:
-    """Fit exit policies for the fitted gates of a single network's run directory (``dgate fit
-    --policies``), cross-fitted on ``split`` (not the gates' own ``train``).
-
-    Example:
-        >>> fit_network_policies("runs/r56").lambdas  # doctest: +SKIP
-    """
-    run_dir = Path(run_dir)
-    member = network_member(run_dir)
-    index = cache.read_index(run_dir, split)
-    if index is None or not index.complete:
-        raise NotFittedError(
-            f"policies are fitted on '{split}', which {run_dir} has not extracted; run `dgate extract {run_dir} --{split} DATA`"
-        )
-    return _fit(run_dir, [member], split, lambdas, folds, seed, C, progress)
-
-
-def network_member(run_dir: Path) -> Member:
-    """A single network's run directory as the one member of its exit table."""
-    fitted = read_gates(run_dir)
-    return Member(run_dir.name, run_dir, cache.read_run(run_dir), fitted, list(fitted.names))
+def network_member(run_dir: Path, config: cache.RunConfig | None = None, fitted: FittedGates | None = None) -> Member:
+    """A single network's run directory as the one member of its exit table (``config`` and
+    ``fitted``: as already read, else read here)."""
+    fitted = fitted or read_gates(run_dir)
+    return Member(
+        run_dir.name,
+        run_dir,
+        config or cache.read_run(run_dir),
+        fitted,
+        list(fitted.names),
+        _io.sha256_file(run_dir / GATES_TENSORS),
+    )
 
 
 def _fit(
@@ -234,11 +226,12 @@ def check_table(t: ExitTable, learned: LearnedPolicies, ensemble: Sequence[bool]
 
 
 def policy_candidates(
-    run_dir: Path, fitted: FittedGates, names: list[str], score: str, split: str, policy: str
-) -> tuple[Any, list[tuple[float, GateOutcomes]]]:
+    member: Member, data: cache.SplitFeatures, names: list[str], score: str, split: str, policy: str
+) -> tuple[LearnedPolicies | None, list[tuple[float, GateOutcomes]]]:
     """The learned policies of a single network (None if there are none or they do not apply) and
-    their outcomes on ``split`` per trade-off lambda (cross-fitted scores)."""
-    member = network_member(run_dir)
+    their outcomes on ``split`` per trade-off lambda (cross-fitted scores); ``data``: the split,
+    as calibration read it."""
+    fitted, run_dir = member.fitted, member.run_dir
     learned = read_policies(run_dir, [member]) if policy != "threshold" else None
     usable = learned is not None and learned.split == split and names == fitted.names and score == fitted.score
     if policy == "learned" and not usable:
@@ -250,28 +243,23 @@ def policy_candidates(
         raise NotFittedError(f"{run_dir} {why}; run `dgate fit {run_dir} --policies` (or leave out --policy learned)")
     if not usable:
         return None, []
-    t = table([member], load_outputs([member], split), (False,))
+    t = table([member], [outputs_of(member, data)], (False,))
     return learned, [(lam, t.outcomes(learned.oof((False,), lam))) for lam in learned.lambdas]  # type: ignore[union-attr]
 
 
-def policy_choice(
-    learned: LearnedPolicies,
-    lam: float | None,
-    tried: list[tuple[float | None, GateOutcomes, OperatingPoint | None, GateOutcomes]],
-) -> dict[str, Any]:
+def policy_choice(learned: LearnedPolicies, lam: float | None, tried: list[Any]) -> dict[str, Any]:
     """What calibration records of a single network's choice between its exits' scores and learned
-    policies: the choice, and each variant's cost at the target (``tried``: lambda or None, the
-    outcomes in MACs, the point found or None, the outcomes searched)."""
+    policies: the choice, and each candidate's cost at the target (``tried``: calibrate's ``Tried``)."""
     return {
         "policy": "threshold" if lam is None else "learned",
         "lambda": lam,
         "variants": [
             {
-                "policy": "threshold" if v is None else "learned",
-                "lambda": v,
-                "cost_ratio": None if p is None else in_macs(macs, p, searched).cost_ratio,
+                "policy": "threshold" if t.key is None else "learned",
+                "lambda": t.key,
+                "cost_ratio": None if t.point is None else t.point.cost_ratio,
             }
-            for v, macs, p, searched in tried
+            for t in tried
         ],
         "policies_sha256": learned.sha256 if lam is not None else None,
     }
